@@ -1,0 +1,260 @@
+"""The model adapter: everything that differs between VLM families lives behind it.
+
+A conversation is a list of messages `{"role": "system"|"user"|"assistant",
+"content": str}` whose text carries one `<image>` placeholder per image, plus the
+list of images in placeholder order. An adapter turns it into token ids and labels
+(assistant tokens only), collates encoded examples into a `ModelBatch`, and
+computes per-token log-probs. Jobs and actors never branch on the model type.
+
+Encoding renders the chat template once per assistant turn boundary and lets the
+processor expand image placeholders, so the expansion is always the model's own.
+The label span of assistant turn i is [len(tokens(prefix_i)), len(tokens(through_i)))
+where prefix_i is the rendering of the turns before it with the generation prompt
+and through_i the rendering up to and including it; token prefixes are verified.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import pathlib
+from typing import Any, ClassVar
+
+import torch
+
+from vlrlhf.models.batch import EncodedExample, ModelBatch, collate_examples
+from vlrlhf.models.logprobs import chunked_token_logprobs
+
+IMAGE_PLACEHOLDER = "<image>"
+IGNORE_INDEX = -100
+
+
+class EncodeError(ValueError):
+    """A record that cannot be encoded. `reason` is a short key used for skip counts."""
+
+    def __init__(self, reason: str, message: str):
+        super().__init__(f"{reason}: {message}")
+        self.reason = reason
+
+
+@dataclasses.dataclass
+class LoadOptions:
+    """How to load a checkpoint (the `model` section of a job spec maps onto this)."""
+
+    dtype: str = "float32"  # float32 | bfloat16 | float16
+    attn_implementation: str = "sdpa"  # sdpa | eager | flash_attention_2
+    trust_remote_code: bool = False
+
+
+def split_placeholders(text: str) -> list[dict[str, str]]:
+    """'<image>\\nWhat?' -> [{'type': 'image'}, {'type': 'text', 'text': '\\nWhat?'}]."""
+    parts: list[dict[str, str]] = []
+    for index, piece in enumerate(text.split(IMAGE_PLACEHOLDER)):
+        if index > 0:
+            parts.append({"type": "image"})
+        if piece:
+            parts.append({"type": "text", "text": piece})
+    return parts
+
+
+def count_placeholders(messages: list[dict]) -> int:
+    return sum(message["content"].count(IMAGE_PLACEHOLDER) for message in messages)
+
+
+class Adapter:
+    """Base adapter for families whose processor has a chat template.
+
+    Subclasses set `model_types` (values of `config.model_type` they serve) and the
+    class flags below, and override the hooks where their family differs.
+    """
+
+    model_types: ClassVar[tuple[str, ...]] = ()
+    supports_multi_image: ClassVar[bool] = True
+    supports_text_only: ClassVar[bool] = True
+    # Collation rule per model extra (see batch.collate_examples).
+    extra_rules: ClassVar[dict[str, str]] = {"pixel_values": "concat"}
+    # Per-token arrays returned by the processor, padded like input_ids.
+    token_arrays: ClassVar[tuple[str, ...]] = ()
+
+    def __init__(self, processor, config=None, path: str | None = None):
+        self.processor = processor
+        self.tokenizer = getattr(processor, "tokenizer", processor)
+        self.config = config
+        self.path = path
+        if self.tokenizer.pad_token_id is None:
+            raise ValueError(f"{path}: the tokenizer has no pad token; set one in tokenizer_config.json")
+
+    # ------------------------------------------------------------------ loading
+    @classmethod
+    def from_pretrained(cls, path: str | pathlib.Path, options: LoadOptions | None = None) -> Adapter:
+        from transformers import AutoConfig
+
+        options = options or LoadOptions()
+        config = AutoConfig.from_pretrained(path, trust_remote_code=options.trust_remote_code)
+        return cls(cls.load_processor(path, options), config=config, path=str(path))
+
+    @classmethod
+    def load_processor(cls, path, options: LoadOptions):
+        from transformers import AutoProcessor
+
+        return AutoProcessor.from_pretrained(path, trust_remote_code=options.trust_remote_code)
+
+    def load_model(self, options: LoadOptions | None = None):
+        from transformers import AutoModelForImageTextToText
+
+        options = options or LoadOptions()
+        model = AutoModelForImageTextToText.from_pretrained(
+            self.path, dtype=getattr(torch, options.dtype),
+            attn_implementation=options.attn_implementation,
+            trust_remote_code=options.trust_remote_code)
+        return model
+
+    # ------------------------------------------------------------------ rendering
+    def render(self, messages: list[dict], add_generation_prompt: bool) -> str:
+        structured = [{"role": m["role"], "content": split_placeholders(m["content"])} for m in messages]
+        return self.processor.apply_chat_template(
+            structured, tokenize=False, add_generation_prompt=add_generation_prompt)
+
+    def tokenize(self, text: str, images: list) -> dict[str, Any]:
+        """Processor call on one text: {'input_ids': list[int], per-token arrays, extras}."""
+        bos = self.tokenizer.bos_token
+        add_special = not (bos and text.startswith(bos))
+        out = self.processor(text=[text], images=[images] if images else None,
+                             add_special_tokens=add_special, return_tensors="pt")
+        return self._unbatch(out)
+
+    def _unbatch(self, out) -> dict[str, Any]:
+        result: dict[str, Any] = {"input_ids": out["input_ids"][0].tolist()}
+        for name in self.token_arrays:
+            if name in out:
+                result[name] = out[name][0].tolist()
+        for name in self.extra_rules:
+            if name in out:
+                result.setdefault("extras", {})[name] = out[name]
+        return result
+
+    # ------------------------------------------------------------------ encoding
+    def validate(self, messages: list[dict], images: list, record: str) -> None:
+        for message in messages:
+            if message.get("role") not in ("system", "user", "assistant"):
+                raise EncodeError("bad_role", f"{record}: role {message.get('role')!r} is not system/user/assistant")
+            if not isinstance(message.get("content"), str):
+                raise EncodeError("bad_content", f"{record}: message content must be a string")
+            if message["role"] == "assistant" and IMAGE_PLACEHOLDER in message["content"]:
+                raise EncodeError("image_in_answer", f"{record}: an assistant turn holds an <image> placeholder")
+        placeholders = count_placeholders(messages)
+        if placeholders != len(images):
+            raise EncodeError("image_count_mismatch",
+                              f"{record}: {placeholders} <image> placeholder(s) but {len(images)} image(s)")
+        if len(images) > 1 and not self.supports_multi_image:
+            raise EncodeError("multi_image_unsupported",
+                              f"{record}: {type(self).__name__} takes at most one image per example")
+        if not images and not self.supports_text_only:
+            raise EncodeError("text_only_unsupported",
+                              f"{record}: {type(self).__name__} needs an image in every example")
+
+    def encode(self, messages: list[dict], images: list, *, max_length: int | None = None,
+               record: str = "record") -> EncodedExample:
+        """Token ids + labels covering assistant tokens only (the final turn must be the assistant's)."""
+        self.validate(messages, images, record)
+        if not messages or messages[-1]["role"] != "assistant":
+            raise EncodeError("no_answer", f"{record}: the last message must be an assistant turn")
+        full = self.tokenize(self.render(messages, False), images)
+        ids = full["input_ids"]
+        spans = []
+        for index, message in enumerate(messages):
+            if message["role"] != "assistant":
+                continue
+            start = self._prefix_length(messages[:index], True, images, ids, record)
+            end = self._prefix_length(messages[: index + 1], False, images, ids, record)
+            spans.append((start, end))
+        example = self._make_example(full, spans)
+        self.check_length(example, max_length, record)
+        return example
+
+    def encode_prompt(self, messages: list[dict], images: list, *, max_length: int | None = None,
+                      record: str = "record") -> EncodedExample:
+        """Prompt for generation: the conversation so far plus the generation prompt, no labels."""
+        self.validate(messages, images, record)
+        full = self.tokenize(self.render(messages, True), images)
+        example = self._make_example(full, [])
+        self.check_length(example, max_length, record)
+        return example
+
+    def _prefix_length(self, messages, generation_prompt, images, full_ids, record) -> int:
+        text = self.render(messages, generation_prompt)
+        prefix = self.tokenize(text, images[: count_placeholders(messages)])["input_ids"]
+        if full_ids[: len(prefix)] != prefix:
+            raise ValueError(
+                f"{record}: the chat template of {self.path} does not tokenize turn by turn as a prefix of "
+                "the whole conversation, so assistant tokens cannot be located; check its template")
+        return len(prefix)
+
+    def _make_example(self, tokenized: dict, spans: list[tuple[int, int]]) -> EncodedExample:
+        ids = list(tokenized["input_ids"])
+        arrays = {name: list(tokenized[name]) for name in self.token_arrays if name in tokenized}
+        labels = [IGNORE_INDEX] * len(ids)
+        eos = self.tokenizer.eos_token_id
+        shift = 0
+        for start, end in spans:
+            start, end = start + shift, end + shift
+            labels[start:end] = ids[start:end]
+            if eos is not None and eos not in ids[start:end]:
+                # Templates that omit the end-of-turn token (llava-hf's) would never teach the
+                # model to stop; insert it after the answer.
+                ids.insert(end, eos)
+                labels.insert(end, eos)
+                for values in arrays.values():
+                    values.insert(end, values[end - 1])
+                shift += 1
+        return EncodedExample(input_ids=ids, labels=labels, token_arrays=arrays,
+                              extras=tokenized.get("extras", {}))
+
+    def check_length(self, example: EncodedExample, max_length: int | None, record: str) -> None:
+        if max_length is not None and len(example.input_ids) > max_length:
+            raise EncodeError("too_long", f"{record}: {len(example.input_ids)} tokens after image expansion "
+                                          f"exceed max_length={max_length}; examples are never cut")
+
+    # ------------------------------------------------------------------ batching
+    def collate(self, examples: list[EncodedExample], padding_side: str = "right") -> ModelBatch:
+        return collate_examples(examples, pad_id=self.tokenizer.pad_token_id, rules=self.extra_rules,
+                                padding_side=padding_side)
+
+    def model_inputs(self, batch: ModelBatch) -> dict[str, torch.Tensor]:
+        return {"input_ids": batch.input_ids, "attention_mask": batch.attention_mask, **batch.extras}
+
+    # ------------------------------------------------------------------ log-probs
+    def hidden_states(self, model, batch: ModelBatch) -> torch.Tensor:
+        """(B, T, H) last hidden states of the language model."""
+        return model.model(**self.model_inputs(batch), use_cache=False).last_hidden_state
+
+    def output_head(self, model):
+        """Callable hidden (.., H) -> logits (.., V) including any final soft-capping."""
+        return model.get_output_embeddings()
+
+    def token_logprobs(self, model, batch: ModelBatch, chunk_size: int = 1024) -> torch.Tensor:
+        """(B, T) fp32: entry t is log p(input_ids[t] | input_ids[<t]) where labels[t] != -100, else 0."""
+        hidden = self.hidden_states(model, batch)
+        return chunked_token_logprobs(hidden, self.output_head(model), batch.labels, chunk_size=chunk_size)
+
+    # ------------------------------------------------------------------ model surgery
+    def language_model(self, model):
+        return model.get_decoder()
+
+    def vision_modules(self, model) -> list[torch.nn.Module]:
+        """The vision encoder (frozen by `freeze_vision`); projectors stay trainable."""
+        return [model.model.vision_tower]
+
+    def freeze_vision(self, model) -> None:
+        for module in self.vision_modules(model):
+            module.requires_grad_(False)
+
+    def lora_targets(self, model) -> list[str]:
+        """Full module names of the language model's linear projections."""
+        decoder = self.language_model(model)
+        prefix = next(name for name, module in model.named_modules() if module is decoder)
+        return [f"{prefix}.{name}" for name, module in decoder.named_modules()
+                if isinstance(module, torch.nn.Linear)]
+
+    def generation_defaults(self) -> dict[str, Any]:
+        return {"max_new_tokens": 128, "do_sample": False,
+                "eos_token_id": self.tokenizer.eos_token_id, "pad_token_id": self.tokenizer.pad_token_id}

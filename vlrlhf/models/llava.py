@@ -1,0 +1,9 @@
+"""LLaVA-1.5 (llava-hf layout): CLIP tower + MLP projector + Llama/Vicuna."""
+
+from vlrlhf.models.base import Adapter
+
+
+class LlavaAdapter(Adapter):
+    model_types = ("llava",)
+    # pixel_values: (n_images, 3, H, W), flat over the batch in placeholder order.
+    extra_rules = {"pixel_values": "concat"}

@@ -1,0 +1,56 @@
+"""PaliGemma: image tokens and a bidirectional prefix, a causal suffix.
+
+PaliGemma has no chat template: a conversation becomes prefix = every turn before
+the last answer (one line each, placeholders removed: the processor puts the image
+tokens first), suffix = the last answer. Only the suffix is scored, since the
+prefix is attended bidirectionally. `token_type_ids` (0 prefix, 1 suffix) are
+always passed: without them the model attends bidirectionally over the whole
+sequence and answer tokens see the future.
+"""
+
+from __future__ import annotations
+
+from vlrlhf.models.base import IMAGE_PLACEHOLDER, Adapter, EncodeError
+
+
+def plain_prompt(messages: list[dict]) -> str:
+    """Turns joined one per line, placeholders dropped (template-less families)."""
+    lines = [message["content"].replace(IMAGE_PLACEHOLDER, "").strip() for message in messages]
+    return "\n".join(line for line in lines if line)
+
+
+class PaliGemmaAdapter(Adapter):
+    model_types = ("paligemma",)
+    supports_text_only = False
+    extra_rules = {"pixel_values": "concat"}
+    token_arrays = ("token_type_ids",)
+
+    def render(self, messages, add_generation_prompt):
+        return plain_prompt(messages)
+
+    def _process(self, prompt: str, images: list, suffix: str | None):
+        # One <image> per image at the start, as the processor expects; it expands them.
+        prompt = self.processor.image_token * len(images) + prompt
+        out = self.processor(text=[prompt], images=[images], suffix=[suffix] if suffix is not None else None,
+                             return_tensors="pt")
+        return self._unbatch(out)
+
+    def encode(self, messages, images, *, max_length=None, record="record"):
+        self.validate(messages, images, record)
+        if not messages or messages[-1]["role"] != "assistant":
+            raise EncodeError("no_answer", f"{record}: the last message must be an assistant turn")
+        tokenized = self._process(plain_prompt(messages[:-1]), images, messages[-1]["content"])
+        types = tokenized["token_type_ids"]
+        start = types.index(1)  # the suffix: answer tokens and the closing eos
+        example = self._make_example(tokenized, [(start, len(types))])
+        self.check_length(example, max_length, record)
+        return example
+
+    def encode_prompt(self, messages, images, *, max_length=None, record="record"):
+        self.validate(messages, images, record)
+        example = self._make_example(self._process(plain_prompt(messages), images, None), [])
+        self.check_length(example, max_length, record)
+        return example
+
+    def vision_modules(self, model):
+        return [model.model.vision_tower]

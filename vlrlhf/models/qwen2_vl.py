@@ -1,0 +1,55 @@
+"""Qwen2-VL and Qwen2.5-VL: dynamic resolution, M-RoPE, a flat patch sequence."""
+
+from __future__ import annotations
+
+from transformers import ProcessorMixin, Qwen2VLProcessor
+
+from vlrlhf.models.base import Adapter
+
+
+class ImageOnlyQwen2VLProcessor(Qwen2VLProcessor):
+    """Qwen2-VL processor without the video processor, for environments that cannot
+    build one (it needs torchvision); images and text behave exactly as the stock one."""
+
+    def __init__(self, image_processor=None, tokenizer=None, chat_template=None, **kwargs):
+        self.image_token = getattr(tokenizer, "image_token", None) or "<|image_pad|>"
+        self.video_token = getattr(tokenizer, "video_token", None) or "<|video_pad|>"
+        self.image_token_id = tokenizer.convert_tokens_to_ids(self.image_token)
+        self.video_token_id = tokenizer.convert_tokens_to_ids(self.video_token)
+        ProcessorMixin.__init__(self, image_processor, tokenizer, chat_template=chat_template)
+
+
+class Qwen2VLAdapter(Adapter):
+    model_types = ("qwen2_vl", "qwen2_5_vl")
+    # pixel_values: (sum of patches, C*T*P*P) flat over all images of the batch;
+    # image_grid_thw: (n_images, 3) splits it. mm_token_type_ids marks image tokens
+    # per position and is required by the model's M-RoPE index.
+    extra_rules = {"pixel_values": "concat", "image_grid_thw": "concat"}
+    token_arrays = ("mm_token_type_ids",)
+
+    @classmethod
+    def load_processor(cls, path, options):
+        from transformers import AutoImageProcessor, AutoProcessor, AutoTokenizer
+
+        try:
+            return AutoProcessor.from_pretrained(path, trust_remote_code=options.trust_remote_code)
+        except (ImportError, TypeError, ValueError, OSError) as error:
+            if "video" not in str(error).lower() and "torchvision" not in str(error).lower():
+                raise
+        # The video processor cannot be built here: fall back to images only.
+        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=options.trust_remote_code)
+        image_processor = AutoImageProcessor.from_pretrained(path, trust_remote_code=options.trust_remote_code)
+        return ImageOnlyQwen2VLProcessor(image_processor=image_processor, tokenizer=tokenizer,
+                                         chat_template=getattr(tokenizer, "chat_template", None))
+
+    def tokenize(self, text, images):
+        bos = self.tokenizer.bos_token
+        add_special = not (bos and text.startswith(bos))
+        out = self.processor(text=[text], images=[images] if images else None, add_special_tokens=add_special,
+                             return_mm_token_type_ids=True, return_tensors="pt")
+        return self._unbatch(out)
+
+    def vision_modules(self, model):
+        # The merger (projector) is part of `visual`; keep it trainable.
+        visual = model.model.visual
+        return [module for name, module in visual.named_children() if name != "merger"]

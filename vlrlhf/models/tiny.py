@@ -1,0 +1,227 @@
+"""Tiny random checkpoints of every supported VLM family, built locally.
+
+`build_tiny_model(family, out_dir)` writes a folder in the layout real hub
+checkpoints use (config.json, model.safetensors, tokenizer, processor and image
+processor configs, chat template), so tests and demos load it through the same
+`from_pretrained` path as a real checkpoint. Nothing is downloaded: the
+tokenizer is a byte-level BPE trained here on a small corpus.
+
+Sizes follow FACTS.md: text hidden 128 in 2 layers with head size 64 (vLLM's CPU
+attention needs a supported head size), vision 32-d in 2 layers, 56x56 images.
+"""
+
+from __future__ import annotations
+
+import json
+import pathlib
+from collections.abc import Callable
+
+import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import AutoModelForImageTextToText, PreTrainedTokenizerFast
+
+from vlrlhf.models import templates
+
+IMAGE_SIZE = 56
+TEXT = dict(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=2,
+            num_key_value_heads=2, head_dim=64, max_position_embeddings=2048)
+VISION = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2)
+
+CORPUS = [
+    "What colour is the triangle? The triangle is red.",
+    "How many circles are there? There are three circles.",
+    "Describe the image in one sentence. A blue square and a green circle on white.",
+    "red green blue yellow purple orange black white grey pink brown cyan",
+    "circle square triangle star ellipse rectangle shape shapes colour color",
+    "one two three four five six seven eight nine ten zero 0 1 2 3 4 5 6 7 8 9",
+    "Yes No yes no A B C D E Answer answer the question with a single word.",
+    "USER: ASSISTANT: system user assistant Question: Answer: You are a helpful assistant.",
+    "The quick brown fox jumps over the lazy dog. Is there a cat in the image?",
+]
+
+
+def train_tokenizer(special_tokens: list[str], vocab_size: int = 420) -> Tokenizer:
+    """A byte-level BPE (GPT-2 style) trained on CORPUS; special tokens get ids 0..k-1."""
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=special_tokens,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+                                  show_progress=False)
+    tokenizer.train_from_iterator(CORPUS * 4, trainer=trainer)
+    return tokenizer
+
+
+def wrap_tokenizer(special_tokens: list[str], *, bos: str | None, eos: str, pad: str,
+                   extra: dict[str, str] | None = None, **kwargs) -> PreTrainedTokenizerFast:
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=train_tokenizer(special_tokens), bos_token=bos, eos_token=eos,
+        pad_token=pad, unk_token=None, extra_special_tokens=extra or {}, **kwargs)
+    return tokenizer
+
+
+def _text_config(tokenizer, **overrides) -> dict:
+    config = dict(TEXT, vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id,
+                  bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
+    config.update(overrides)
+    return config
+
+
+# ---------------------------------------------------------------- families
+
+def build_llava(next_version: bool = False):
+    from transformers import (CLIPImageProcessor, LlavaConfig, LlavaNextConfig,
+                              LlavaNextImageProcessor, LlavaNextProcessor, LlavaProcessor)
+    specials = ["<unk>", "<s>", "</s>", "<pad>", "<image>"]
+    tokenizer = wrap_tokenizer(specials, bos="<s>", eos="</s>", pad="<pad>",
+                               extra={"image_token": "<image>"}, add_bos_token=True)
+    vision = dict(VISION, model_type="clip_vision_model", image_size=IMAGE_SIZE, patch_size=14,
+                  projection_dim=32)
+    common = dict(vision_config=vision, text_config=dict(_text_config(tokenizer), model_type="llama"),
+                  image_token_index=tokenizer.convert_tokens_to_ids("<image>"),
+                  vision_feature_layer=-2, vision_feature_select_strategy="default",
+                  tie_word_embeddings=False)
+    size = {"shortest_edge": IMAGE_SIZE}
+    crop = {"height": IMAGE_SIZE, "width": IMAGE_SIZE}
+    if next_version:
+        pinpoints = [[IMAGE_SIZE, IMAGE_SIZE], [IMAGE_SIZE, 2 * IMAGE_SIZE], [2 * IMAGE_SIZE, IMAGE_SIZE]]
+        config = LlavaNextConfig(**common, image_grid_pinpoints=pinpoints)
+        image_processor = LlavaNextImageProcessor(size=size, crop_size=crop, image_grid_pinpoints=pinpoints)
+        processor = LlavaNextProcessor(image_processor=image_processor, tokenizer=tokenizer,
+                                       patch_size=14, vision_feature_select_strategy="default", num_additional_image_tokens=1,
+                                       chat_template=templates.MISTRAL_INST)
+    else:
+        config = LlavaConfig(**common, image_seq_length=(IMAGE_SIZE // 14) ** 2)
+        image_processor = CLIPImageProcessor(size=size, crop_size=crop)
+        processor = LlavaProcessor(image_processor=image_processor, tokenizer=tokenizer, patch_size=14,
+                                   vision_feature_select_strategy="default", num_additional_image_tokens=1,
+                                   chat_template=templates.LLAVA_15)
+    return config, processor
+
+
+def build_qwen2_vl(version: str = "2"):
+    from transformers import (Qwen2_5_VLConfig, Qwen2VLConfig, Qwen2VLImageProcessor,
+                              Qwen2VLProcessor, Qwen2VLVideoProcessor)
+    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>",
+                "<|image_pad|>", "<|video_pad|>"]
+    tokenizer = wrap_tokenizer(specials, bos=None, eos="<|im_end|>", pad="<|endoftext|>",
+                               extra={"image_token": "<|image_pad|>", "video_token": "<|video_pad|>",
+                                      "vision_bos_token": "<|vision_start|>",
+                                      "vision_eos_token": "<|vision_end|>"})
+    ids = tokenizer.convert_tokens_to_ids
+    text = _text_config(tokenizer, bos_token_id=None, model_type=f"qwen{version.replace('.', '_')}_vl_text",
+                        rope_parameters={"rope_type": "default", "rope_theta": 10000.0,
+                                         "mrope_section": [8, 12, 12]})
+    vision = dict(depth=2, embed_dim=32, hidden_size=32, num_heads=2, patch_size=14,
+                  spatial_merge_size=2, temporal_patch_size=2, in_channels=3)
+    common = dict(text_config=text, image_token_id=ids("<|image_pad|>"),
+                  video_token_id=ids("<|video_pad|>"), vision_start_token_id=ids("<|vision_start|>"),
+                  vision_end_token_id=ids("<|vision_end|>"), tie_word_embeddings=False)
+    if version == "2":
+        config = Qwen2VLConfig(**common, vision_config=dict(vision, mlp_ratio=2, hidden_size=TEXT["hidden_size"]))
+    else:
+        config = Qwen2_5_VLConfig(**common, vision_config=dict(
+            vision, intermediate_size=64, out_hidden_size=TEXT["hidden_size"], window_size=56,
+            fullatt_block_indexes=[1]))
+    pixels = IMAGE_SIZE * IMAGE_SIZE
+    image_processor = Qwen2VLImageProcessor(min_pixels=pixels, max_pixels=4 * pixels, patch_size=14,
+                                            merge_size=2, temporal_patch_size=2)
+    # vLLM expects a video processor config in the folder even for image-only use.
+    video_processor = Qwen2VLVideoProcessor(min_pixels=pixels, max_pixels=4 * pixels, patch_size=14,
+                                            merge_size=2, temporal_patch_size=2)
+    processor = Qwen2VLProcessor(image_processor=image_processor, tokenizer=tokenizer,
+                                 video_processor=video_processor, chat_template=templates.CHATML_QWEN)
+    return config, processor
+
+
+def build_idefics3(smol: bool = False):
+    from transformers import Idefics3Config, Idefics3ImageProcessor, Idefics3Processor
+    specials = ["<|endoftext|>", "<|im_start|>", "<end_of_utterance>", "<fake_token_around_image>",
+                "<global-img>", "<image>"] + [f"<row_{r}_col_{c}>" for r in range(1, 7) for c in range(1, 7)]
+    tokenizer = wrap_tokenizer(specials, bos="<|im_start|>", eos="<end_of_utterance>",
+                               pad="<|endoftext|>", extra={"image_token": "<image>",
+                                                          "fake_image_token": "<fake_token_around_image>",
+                                                          "global_image_token": "<global-img>"})
+    scale = 2
+    config = Idefics3Config(
+        text_config=dict(_text_config(tokenizer), model_type="llama"),
+        vision_config=dict(VISION, image_size=IMAGE_SIZE, patch_size=14),
+        image_token_id=tokenizer.convert_tokens_to_ids("<image>"), scale_factor=scale,
+        pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=False)
+    image_processor = Idefics3ImageProcessor(
+        size={"longest_edge": IMAGE_SIZE}, max_image_size={"longest_edge": IMAGE_SIZE},
+        do_image_splitting=False)
+    seq_len = ((IMAGE_SIZE // 14) ** 2) // (scale ** 2)
+    processor = Idefics3Processor(image_processor=image_processor, tokenizer=tokenizer,
+                                  image_seq_len=seq_len, chat_template=templates.IDEFICS3)
+    return config, processor
+
+
+def build_paligemma():
+    from transformers import PaliGemmaConfig, PaliGemmaProcessor, SiglipImageProcessor
+    specials = ["<pad>", "<eos>", "<bos>", "<unk>", "<image>"]
+    tokenizer = wrap_tokenizer(specials, bos="<bos>", eos="<eos>", pad="<pad>",
+                               extra={"image_token": "<image>"}, add_bos_token=False)
+    image_processor = SiglipImageProcessor(size={"height": IMAGE_SIZE, "width": IMAGE_SIZE})
+    image_processor.image_seq_length = (IMAGE_SIZE // 14) ** 2
+    processor = PaliGemmaProcessor(image_processor=image_processor, tokenizer=tokenizer)
+    # The processor adds 1,024 <locXXXX> and 128 <segXXX> tokens: size the vocab after.
+    tokenizer = processor.tokenizer
+    config = PaliGemmaConfig(
+        text_config=dict(_text_config(tokenizer), model_type="gemma"),
+        vision_config=dict(VISION, model_type="siglip_vision_model", image_size=IMAGE_SIZE,
+                           patch_size=14, vision_use_head=False),
+        image_token_index=tokenizer.convert_tokens_to_ids("<image>"), projection_dim=TEXT["hidden_size"])
+    config.text_config.num_image_tokens = image_processor.image_seq_length
+    return config, processor
+
+
+def build_instructblip():
+    from transformers import BlipImageProcessor, InstructBlipConfig, InstructBlipProcessor
+    specials = ["<unk>", "<s>", "</s>", "<pad>", "<image>"]
+    # No `image_token` attribute: InstructBlipProcessor registers "<image>" itself
+    # (and, in transformers 5.19, breaks on a plain-string attribute).
+    tokenizer = wrap_tokenizer(specials, bos="<s>", eos="</s>", pad="<pad>", add_bos_token=True)
+    qformer_tokenizer = wrap_tokenizer(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"], bos=None,
+                                       eos="[SEP]", pad="[PAD]", cls_token="[CLS]", sep_token="[SEP]")
+    num_query = 4
+    config = InstructBlipConfig(
+        vision_config=dict(VISION, image_size=IMAGE_SIZE, patch_size=14),
+        qformer_config=dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                            intermediate_size=64, vocab_size=len(qformer_tokenizer),
+                            encoder_hidden_size=VISION["hidden_size"], max_position_embeddings=64,
+                            pad_token_id=qformer_tokenizer.pad_token_id),
+        text_config=dict(_text_config(tokenizer), model_type="llama"),
+        num_query_tokens=num_query, image_token_index=tokenizer.convert_tokens_to_ids("<image>"))
+    image_processor = BlipImageProcessor(size={"height": IMAGE_SIZE, "width": IMAGE_SIZE})
+    processor = InstructBlipProcessor(image_processor=image_processor, tokenizer=tokenizer,
+                                      qformer_tokenizer=qformer_tokenizer, num_query_tokens=num_query)
+    return config, processor
+
+
+BUILDERS: dict[str, Callable] = {
+    "llava": lambda: build_llava(next_version=False),
+    "llava_next": lambda: build_llava(next_version=True),
+    "qwen2_vl": lambda: build_qwen2_vl("2"),
+    "qwen2_5_vl": lambda: build_qwen2_vl("2.5"),
+    "idefics3": lambda: build_idefics3(),
+    "paligemma": build_paligemma,
+    "instructblip": build_instructblip,
+}
+FAMILIES = tuple(BUILDERS)
+
+
+def build_tiny_model(family: str, out_dir: str | pathlib.Path, seed: int = 0) -> pathlib.Path:
+    """Write a tiny random checkpoint of `family` to `out_dir` and return the path."""
+    if family not in BUILDERS:
+        raise ValueError(f"family={family!r} is not one of {', '.join(FAMILIES)}")
+    out = pathlib.Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(seed)
+    config, processor = BUILDERS[family]()
+    model = AutoModelForImageTextToText.from_config(config, dtype=torch.float32)
+    model.generation_config.pad_token_id = processor.tokenizer.pad_token_id
+    model.save_pretrained(out)
+    processor.save_pretrained(out)
+    (out / "vlrlhf_tiny.json").write_text(json.dumps({"family": family, "seed": seed}) + "\n")
+    return out
