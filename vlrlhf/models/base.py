@@ -70,6 +70,8 @@ class Adapter:
     model_types: ClassVar[tuple[str, ...]] = ()
     supports_multi_image: ClassVar[bool] = True
     supports_text_only: ClassVar[bool] = True
+    # False where only the last assistant turn can carry labels (template-less families).
+    scores_every_turn: ClassVar[bool] = True
     # Collation rule per model extra (see batch.collate_examples).
     extra_rules: ClassVar[dict[str, str]] = {"pixel_values": "concat"}
     # Per-token arrays returned by the processor, padded like input_ids.
@@ -258,3 +260,20 @@ class Adapter:
     def generation_defaults(self) -> dict[str, Any]:
         return {"max_new_tokens": 128, "do_sample": False,
                 "eos_token_id": self.tokenizer.eos_token_id, "pad_token_id": self.tokenizer.pad_token_id}
+
+    @torch.no_grad()
+    def generate(self, model, batch: ModelBatch, **overrides) -> list[list[int]]:
+        """Greedy (by default) continuations of a left-padded prompt batch, eos and padding removed."""
+        kwargs = {**self.generation_defaults(), **overrides}
+        output = model.generate(**self.model_inputs(batch), **kwargs)
+        prompt_length = batch.input_ids.shape[1]
+        stops = {self.tokenizer.eos_token_id, self.tokenizer.pad_token_id}
+        results = []
+        for row in output[:, prompt_length:].tolist():
+            tokens = []
+            for token in row:
+                if token in stops:
+                    break
+                tokens.append(token)
+            results.append(tokens)
+        return results

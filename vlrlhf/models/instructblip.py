@@ -18,6 +18,7 @@ class InstructBlipAdapter(Adapter):
     model_types = ("instructblip",)
     supports_multi_image = False
     supports_text_only = False
+    scores_every_turn = False  # only the last answer is scored
     # pixel_values: (B, 3, H, W); qformer_*: (B, Lq) right-padded with 0.
     extra_rules = {"pixel_values": "concat", "qformer_input_ids": "stack_seq",
                    "qformer_attention_mask": "stack_seq"}
@@ -58,6 +59,3 @@ class InstructBlipAdapter(Adapter):
 
     def vision_modules(self, model):
         return [model.vision_model]
-
-    def language_model(self, model):
-        return model.language_model

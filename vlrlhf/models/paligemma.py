@@ -22,6 +22,7 @@ def plain_prompt(messages: list[dict]) -> str:
 class PaliGemmaAdapter(Adapter):
     model_types = ("paligemma",)
     supports_text_only = False
+    scores_every_turn = False  # only the last answer is scored
     extra_rules = {"pixel_values": "concat"}
     token_arrays = ("token_type_ids",)
 

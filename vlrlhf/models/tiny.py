@@ -210,6 +210,27 @@ BUILDERS: dict[str, Callable] = {
 }
 FAMILIES = tuple(BUILDERS)
 
+# transformers 5 saves CLIP/SigLIP towers inside LLaVA-style models without their
+# `vision_model.` level; hub checkpoints (and vLLM's loaders) have it. transformers
+# maps the hub names back on load, so writing the hub layout serves both.
+HUB_RENAMES = {family: ("vision_tower.", "vision_tower.vision_model.")
+               for family in ("llava", "llava_next", "paligemma")}
+
+
+def rewrite_to_hub_layout(family: str, folder: pathlib.Path) -> None:
+    if family not in HUB_RENAMES:
+        return
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    old, new = HUB_RENAMES[family]
+    path = folder / "model.safetensors"
+    with safe_open(path, "pt") as handle:
+        metadata = handle.metadata()
+        tensors = {(new + key[len(old):] if key.startswith(old) and not key.startswith(new) else key):
+                   handle.get_tensor(key) for key in handle.keys()}
+    save_file(tensors, path, metadata=metadata)
+
 
 def build_tiny_model(family: str, out_dir: str | pathlib.Path, seed: int = 0) -> pathlib.Path:
     """Write a tiny random checkpoint of `family` to `out_dir` and return the path."""
@@ -222,6 +243,12 @@ def build_tiny_model(family: str, out_dir: str | pathlib.Path, seed: int = 0) ->
     model = AutoModelForImageTextToText.from_config(config, dtype=torch.float32)
     model.generation_config.pad_token_id = processor.tokenizer.pad_token_id
     model.save_pretrained(out)
+    rewrite_to_hub_layout(family, out)
     processor.save_pretrained(out)
+    # Also the per-component files that hub checkpoints carry and vLLM reads
+    # (preprocessor_config.json, video_preprocessor_config.json).
+    for part in ("image_processor", "video_processor"):
+        if getattr(processor, part, None) is not None:
+            getattr(processor, part).save_pretrained(out)
     (out / "vlrlhf_tiny.json").write_text(json.dumps({"family": family, "seed": seed}) + "\n")
     return out
