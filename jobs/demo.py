@@ -47,7 +47,8 @@ def run_model_demo(out_dir: str | pathlib.Path = ".demo/tiny") -> list[dict]:
     for family in FAMILIES:
         path = build_tiny_model(family, pathlib.Path(out_dir) / family)
         rows.append(check_family(family, path))
-    header = f"{'family':<14}{'model_type':<14}{'params':>9}{'tokens':>8}{'labels':>8}{'log p(answer)':>15}{'gen':>5}{'s':>6}"
+    header = (f"{'family':<14}{'model_type':<14}{'params':>9}{'tokens':>8}{'labels':>8}"
+              f"{'log p(answer)':>15}{'gen':>5}{'s':>6}")
     print(header)
     print("-" * len(header))
     for row in rows:

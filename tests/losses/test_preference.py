@@ -55,7 +55,8 @@ def expected(loss_type, eps=0.0, gamma=0.5, tau=0.05):
             "apo_zero": 1 - sig(BETA * a) + sig(BETA * b),
             "apo_down": sig(BETA * a) + 1 - sig(BETA * h),
             "sigmoid_norm": -logsig(BETA * (a_n - b_n)),
-            "simpo": -(1 - eps) * logsig(BETA * (avg_c - avg_r) - gamma) - eps * logsig(-(BETA * (avg_c - avg_r) - gamma)),
+            "simpo": (-(1 - eps) * logsig(BETA * (avg_c - avg_r) - gamma)
+                      - eps * logsig(-(BETA * (avg_c - avg_r) - gamma))),
             "cpo": -logsig(BETA * (PI_C[i] - PI_R[i])),
             "sft": -avg_c,
         }.get(loss_type)

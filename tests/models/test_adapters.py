@@ -65,7 +65,8 @@ def test_labels_cover_exactly_the_answers(family, loaded):
         assert adapter.tokenizer.eos_token_id in span
     scored = [i for i, label in enumerate(example.labels) if label != -100]
     assert all(example.input_ids[i] == example.labels[i] for i in scored)
-    prompt_text = adapter.tokenizer.decode([t for t, l in zip(example.input_ids, example.labels) if l == -100])
+    prompt_ids = [token for token, label in zip(example.input_ids, example.labels, strict=True) if label == -100]
+    prompt_text = adapter.tokenizer.decode(prompt_ids)
     assert "What colour is the circle?" in prompt_text
 
 
@@ -193,7 +194,7 @@ def test_answer_tokens_do_not_see_the_future(family, loaded):
     image = [shape_image()]
     a = adapter.encode(single_turn(answer="red circle one"), image)
     b = adapter.encode(single_turn(answer="red circle two"), image)
-    common = next(i for i, (x, y) in enumerate(zip(a.input_ids, b.input_ids)) if x != y)
+    common = next(i for i, (x, y) in enumerate(zip(a.input_ids, b.input_ids, strict=False)) if x != y)
     with torch.no_grad():
         la = adapter.token_logprobs(model, adapter.collate([a]))[0, :common]
         lb = adapter.token_logprobs(model, adapter.collate([b]))[0, :common]

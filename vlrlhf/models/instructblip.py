@@ -8,8 +8,6 @@ its own max_position_embeddings. One image per example.
 
 from __future__ import annotations
 
-import torch
-
 from vlrlhf.models.base import Adapter, EncodeError
 from vlrlhf.models.paligemma import plain_prompt
 

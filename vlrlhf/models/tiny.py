@@ -88,7 +88,8 @@ def build_llava(next_version: bool = False):
         config = LlavaNextConfig(**common, image_grid_pinpoints=pinpoints)
         image_processor = LlavaNextImageProcessor(size=size, crop_size=crop, image_grid_pinpoints=pinpoints)
         processor = LlavaNextProcessor(image_processor=image_processor, tokenizer=tokenizer,
-                                       patch_size=14, vision_feature_select_strategy="default", num_additional_image_tokens=1,
+                                       patch_size=14, vision_feature_select_strategy="default",
+                                       num_additional_image_tokens=1,
                                        chat_template=templates.MISTRAL_INST)
     else:
         config = LlavaConfig(**common, image_seq_length=(IMAGE_SIZE // 14) ** 2)
