@@ -24,6 +24,26 @@ def cmd_demo(args) -> int:
     return 0
 
 
+def cmd_data_synth(args) -> int:
+    from vlrlhf.data.synthetic import KINDS, synthesize
+
+    kinds = KINDS if args.kind == "all" else (args.kind,)
+    written = synthesize(args.out_dir, kinds, num_train=args.num_train, num_test=args.num_test, seed=args.seed)
+    for name, path in written.items():
+        print(f"wrote {path}")
+    print(f"image_root: {args.out_dir}")
+    return 0
+
+
+def cmd_data_check(args) -> int:
+    from jobs.data_check import check_data, print_report
+
+    report = check_data(args.paths, args.format, model_path=args.model, task=args.task, image_root=args.image_root,
+                        max_length=args.max_length, quarantine=args.quarantine)
+    print_report(report)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     from vlrlhf.models.tiny import FAMILIES
 
@@ -44,12 +64,43 @@ def build_parser() -> argparse.ArgumentParser:
                                            "generate with each; prints a table.")
     demo.add_argument("--out-dir", default=".demo/tiny", help="where the tiny checkpoints go")
     demo.set_defaults(func=cmd_demo)
+
+    data = commands.add_parser("data", help="synthetic data sets and data checks",
+                               description="Work with data sets: generate the synthetic shapes data, "
+                                           "or read a data set through the pipeline and report on it.")
+    data_commands = data.add_subparsers(dest="data_command", required=True, metavar="COMMAND")
+    synth = data_commands.add_parser("synth", help="write the synthetic shapes data sets",
+                                     description="Write coloured-shape images and SFT / preference / KTO / "
+                                                 "prompt data sets (train and test) in public formats.")
+    synth.add_argument("kind", choices=["all", "sft", "preference", "kto", "prompts"])
+    synth.add_argument("out_dir")
+    synth.add_argument("--num-train", type=int, default=400)
+    synth.add_argument("--num-test", type=int, default=100)
+    synth.add_argument("--seed", type=int, default=0)
+    synth.set_defaults(func=cmd_data_synth)
+    check = data_commands.add_parser("check", help="read a data set through the pipeline and print counts",
+                                     description="Count records, images, kept and skipped rows (by reason) "
+                                                 "and, with --model, token lengths after image expansion.")
+    check.add_argument("paths", nargs="+", help="JSON, JSONL or Parquet files (local or URI)")
+    check.add_argument("--format", required=True, help="a built-in format or package.module:function")
+    check.add_argument("--model", help="checkpoint folder: encode with its adapter and report token lengths")
+    check.add_argument("--task", default="preference", choices=["sft", "preference", "kto", "prompt"])
+    check.add_argument("--image-root", help="folder that image paths are relative to (default: the file's)")
+    check.add_argument("--max-length", type=int)
+    check.add_argument("--quarantine", help="where to write bad rows (JSONL)")
+    check.set_defaults(func=cmd_data_check)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    return args.func(args)
+    if getattr(args, "image_root", "unset") is None and getattr(args, "paths", None):
+        args.image_root = str(__import__("pathlib").Path(args.paths[0]).parent)
+    try:
+        return args.func(args)
+    except ValueError as error:  # bad input: one clear message, exit code 2
+        print(f"vlrlhf: error: {error}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -1,0 +1,73 @@
+"""Synthetic shapes data: deterministic, bundled copy up to date, learnable signal; data CLI."""
+
+from __future__ import annotations
+
+import filecmp
+import pathlib
+import subprocess
+import sys
+
+import numpy as np
+from PIL import Image
+
+from vlrlhf.data.reader import read_records
+from vlrlhf.data.synthetic import COLOURS, FILE_NAMES, synthesize
+
+BUNDLED = pathlib.Path(__file__).resolve().parents[2] / "data" / "shapes"
+
+
+def test_same_seed_writes_identical_files_and_the_bundled_copy_is_current(tmp_path):
+    written = synthesize(tmp_path / "a", seed=0)
+    synthesize(tmp_path / "b", seed=0)
+    for name in written:
+        assert filecmp.cmp(tmp_path / "a" / name, tmp_path / "b" / name, shallow=False)
+        assert filecmp.cmp(tmp_path / "a" / name, BUNDLED / name, shallow=False), f"data/shapes/{name} is stale"
+    images = sorted(p.relative_to(tmp_path / "a") for p in (tmp_path / "a" / "images").rglob("*.png"))
+    assert images == sorted(p.relative_to(BUNDLED) for p in (BUNDLED / "images").rglob("*.png"))
+    assert all(filecmp.cmp(tmp_path / "a" / p, BUNDLED / p, shallow=False) for p in images[::25])
+
+
+def test_answers_match_the_pixels():
+    """The colour answer names the colour actually drawn: the data carry a real signal."""
+    records = read_records(str(BUNDLED / "sft.json"), "llava")
+    checked = 0
+    for record in records[:60]:
+        question, answer = record.messages[0].content, record.messages[1].content
+        if "colour" not in question:
+            continue
+        pixels = np.asarray(Image.open(BUNDLED / record.images[0]).convert("RGB")).reshape(-1, 3)
+        painted = pixels[(pixels != 255).any(axis=1)]
+        nearest = min(COLOURS, key=lambda c: np.abs(painted.mean(0) - COLOURS[c]).sum())
+        assert nearest == answer
+        checked += 1
+    assert checked > 10
+
+
+def test_test_split_uses_other_images_and_every_format_reads():
+    train = {r.images[0] for r in read_records(str(BUNDLED / "sft.json"), "llava")}
+    test = {r.images[0] for r in read_records(str(BUNDLED / "test_sft.json"), "llava")}
+    assert not train & test
+    formats = {"sft": "llava", "preference": "plain_dpo", "kto": "kto", "prompts": "prompts"}
+    for kind, name in FILE_NAMES.items():
+        assert len(read_records(str(BUNDLED / name), formats[kind])) == 400
+
+
+def run_cli(*args):
+    return subprocess.run([sys.executable, "-m", "jobs.cli", *args], capture_output=True, text=True, timeout=600)
+
+
+def test_data_synth_and_check_commands(tmp_path, tiny_path):
+    out = run_cli("data", "synth", "preference", str(tmp_path / "d"), "--num-train", "12", "--num-test", "2")
+    assert out.returncode == 0, out.stderr
+    path = tmp_path / "d" / "preference.json"
+    text = path.read_text().replace('"images/train/00003.png"', '"images/train/missing.png"')
+    path.write_text(text)
+    out = run_cli("data", "check", str(path), "--format", "plain_dpo", "--model", str(tiny_path("qwen2_vl")),
+                  "--quarantine", str(tmp_path / "q.jsonl"))
+    assert out.returncode == 0, out.stderr
+    lines = dict(line.split(None, 1) for line in out.stdout.splitlines() if line and not line.startswith(" "))
+    assert lines["records"].strip() == "12" and lines["kept"].strip() == "11" and lines["skipped"].strip() == "1"
+    assert "  missing        1" in out.stdout and "tokens (after image expansion)" in out.stdout
+    assert (tmp_path / "q.jsonl").read_text().count("\n") == 1
+    bad = run_cli("data", "check", str(tmp_path / "nope.json"), "--format", "plain_dpo")
+    assert bad.returncode == 2 and "nope.json does not exist" in bad.stderr

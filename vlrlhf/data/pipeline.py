@@ -1,0 +1,200 @@
+"""The Ray Data pipeline: records -> images loaded and validated -> encoded per model.
+
+    records (driver: read, split, ordered by seed)  ->  ray.data.from_items
+      -> map_batches(encode_batch)  workers load images and run the model's adapter
+      -> iter_encoded           the consumer applies the bad-record policy, in order
+      -> collated batches       adapter.collate
+
+Order is deterministic for a seed (preserve_order; the permutation is drawn in the
+driver), and `start` resumes at a position of that order, so a restarted job sees
+exactly the examples an uninterrupted one would. The evaluation split is decided by
+a hash of each record's id, so it never moves into training when files are
+reordered or a run resumes. `encode_record` is the single-process encoder the
+workers call; tests use it as the oracle.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import pickle
+from collections.abc import Iterator
+
+import numpy as np
+
+from vlrlhf.data.images import DEFAULT_MAX_PIXELS, ImageError, load_image
+from vlrlhf.data.reader import BadRecords
+from vlrlhf.data.records import Conversation, KTOExample, PreferencePair, PromptRecord
+from vlrlhf.models.base import EncodeError
+from vlrlhf.models.batch import EncodedExample
+
+TASKS = ("sft", "preference", "kto", "prompt")
+RECORD_FOR_TASK = {"sft": Conversation, "preference": PreferencePair, "kto": KTOExample, "prompt": PromptRecord}
+
+
+@dataclasses.dataclass(frozen=True)
+class EncodeSettings:
+    """What an encoding worker needs (picklable, no config objects)."""
+
+    model_path: str
+    task: str
+    adapter: str | None = None
+    max_length: int | None = None
+    image_root: str | None = None
+    max_pixels: int = DEFAULT_MAX_PIXELS
+
+
+@dataclasses.dataclass
+class EncodedPair:
+    """A preference pair: chosen and rejected share the prompt and its images."""
+
+    chosen: EncodedExample
+    rejected: EncodedExample
+
+
+@dataclasses.dataclass
+class EncodedItem:
+    """One encoded record and where it came from."""
+
+    position: int  # place in this run's order (resume offsets count these)
+    id: str  # 'file:row'
+    record: object  # the record (answers, metadata for rewards, spans for DDPO)
+    encoded: EncodedExample | EncodedPair
+
+
+def encode_record(adapter, record, settings: EncodeSettings) -> EncodedExample | EncodedPair:
+    """Load the record's images and encode it for its task. Raises ImageError / EncodeError."""
+    expected = RECORD_FOR_TASK[settings.task]
+    if not isinstance(record, expected):
+        raise EncodeError("wrong_record_type", f"task {settings.task!r} takes {expected.__name__} records, "
+                                               f"got {type(record).__name__}")
+    images = [load_image(source, image_root=settings.image_root, max_pixels=settings.max_pixels)
+              for source in record.images]
+    kwargs = dict(max_length=settings.max_length, record=record.id)
+    dump = [m.model_dump() for m in getattr(record, "messages", None) or record.prompt]
+    if settings.task == "sft":
+        return adapter.encode(dump, images, **kwargs)
+    if settings.task == "preference":
+        return EncodedPair(adapter.encode(dump + [{"role": "assistant", "content": record.chosen}], images, **kwargs),
+                           adapter.encode(dump + [{"role": "assistant", "content": record.rejected}], images,
+                                          **kwargs))
+    if settings.task == "kto":
+        return adapter.encode(dump + [{"role": "assistant", "content": record.completion}], images, **kwargs)
+    return adapter.encode_prompt(dump, images, **kwargs)
+
+
+_ADAPTERS: dict = {}
+
+
+def cached_adapter(settings: EncodeSettings):
+    """One adapter per worker process and checkpoint: Ray reuses warm workers, so the
+    processor is loaded once, not per batch."""
+    key = (settings.model_path, settings.adapter)
+    if key not in _ADAPTERS:
+        from vlrlhf.models.registry import load_adapter
+
+        _ADAPTERS[key] = load_adapter(settings.model_path, adapter=settings.adapter)
+    return _ADAPTERS[key]
+
+
+def encode_batch(batch: dict, settings: EncodeSettings) -> dict:
+    """Ray Data map function: encode a batch of pickled records. Bad records come back as
+    rows with `reason`/`message` set; the consumer applies the policy."""
+    adapter = cached_adapter(settings)
+    out = {"position": [], "payload": [], "reason": [], "message": []}
+    for position, blob in zip(batch["position"], batch["record"], strict=True):
+        record = pickle.loads(blob)
+        payload, reason, message = b"", "", ""
+        try:
+            encoded = encode_record(adapter, record, settings)
+            payload = pickle.dumps(EncodedItem(int(position), record.id, record, encoded))
+        except (ImageError, EncodeError) as error:
+            reason, message = error.reason, f"{record.id}: {error}"
+        out["position"].append(int(position))
+        out["payload"].append(payload)
+        out["reason"].append(reason)
+        out["message"].append(message)
+    return {key: np.array(values, dtype=object) if key != "position" else np.array(values)
+            for key, values in out.items()}
+
+
+def in_eval_split(record_id: str, eval_fraction: float, seed: int) -> bool:
+    digest = hashlib.sha256(f"{seed}:{record_id}".encode()).digest()
+    return int.from_bytes(digest[:8], "big") / 2 ** 64 < eval_fraction
+
+
+def split_records(records: list, eval_fraction: float = 0.0, seed: int = 0) -> tuple[list, list]:
+    """(train, eval) by a hash of each record id: stable under reordering and resume."""
+    if not 0.0 <= eval_fraction < 1.0:
+        raise ValueError(f"eval_fraction={eval_fraction} must lie in [0, 1)")
+    train, held_out = [], []
+    for record in records:
+        (held_out if eval_fraction and in_eval_split(record.id, eval_fraction, seed) else train).append(record)
+    return train, held_out
+
+
+def ordered(records: list, seed: int | None, epoch: int = 0) -> list:
+    """The records in this epoch's order: a permutation drawn from (seed, epoch); None keeps file order."""
+    if seed is None:
+        return list(records)
+    permutation = np.random.default_rng([seed, epoch]).permutation(len(records))
+    return [records[i] for i in permutation]
+
+
+def encoded_dataset(records: list, settings: EncodeSettings, *, start: int = 0, batch_size: int = 16,
+                    concurrency: int | None = None, num_cpus: float = 1.0):
+    """A Ray Data dataset of encoded rows for records[start:], in order."""
+    import ray
+
+    if settings.task not in TASKS:
+        raise ValueError(f"task={settings.task!r} is not one of {', '.join(TASKS)}")
+    context = ray.data.DataContext.get_current()
+    context.execution_options.preserve_order = True
+    rows = [{"position": position, "record": pickle.dumps(record)}
+            for position, record in enumerate(records) if position >= start]
+    if not rows:
+        return ray.data.from_items([{"position": 0, "record": b""}]).limit(0)
+    blocks = max(1, min(len(rows) // batch_size, 64))
+    dataset = ray.data.from_items(rows, override_num_blocks=blocks)
+    return dataset.map_batches(encode_batch, fn_kwargs={"settings": settings}, batch_size=batch_size,
+                               batch_format="numpy", concurrency=concurrency, num_cpus=num_cpus)
+
+
+def iter_encoded(dataset, bad: BadRecords) -> Iterator[EncodedItem]:
+    """Encoded items in order; bad rows go through the policy (raise, or count + quarantine)."""
+    for row in dataset.iter_rows():
+        if row["reason"]:
+            where, _, message = str(row["message"]).partition(": ")
+            bad.handle(where, str(row["reason"]), message, stage="encode")
+            continue
+        yield pickle.loads(row["payload"])
+
+
+def iter_batches(items: Iterator[EncodedItem], adapter, batch_size: int,
+                 padding_side: str = "right") -> Iterator[tuple[list[EncodedItem], object]]:
+    """(items, collated) with `batch_size` items each (the last may be smaller). Pairs give
+    (chosen batch, rejected batch)."""
+    if batch_size <= 0:
+        raise ValueError(f"batch_size={batch_size} must be positive")
+    chunk: list[EncodedItem] = []
+    for item in items:
+        chunk.append(item)
+        if len(chunk) == batch_size:
+            yield chunk, collate_items(adapter, chunk, padding_side)
+            chunk = []
+    if chunk:
+        yield chunk, collate_items(adapter, chunk, padding_side)
+
+
+def collate_items(adapter, items: list[EncodedItem], padding_side: str = "right"):
+    if isinstance(items[0].encoded, EncodedPair):
+        return (adapter.collate([i.encoded.chosen for i in items], padding_side),
+                adapter.collate([i.encoded.rejected for i in items], padding_side))
+    return adapter.collate([i.encoded for i in items], padding_side)
+
+
+def split_for_consumers(dataset, num_consumers: int):
+    """One streaming iterator per consumer (data-parallel workers); disjoint, together complete."""
+    if num_consumers == 1:
+        return [dataset.iterator()]
+    return dataset.streaming_split(num_consumers, equal=False)
