@@ -29,7 +29,7 @@ def cmd_data_synth(args) -> int:
 
     kinds = KINDS if args.kind == "all" else (args.kind,)
     written = synthesize(args.out_dir, kinds, num_train=args.num_train, num_test=args.num_test, seed=args.seed)
-    for name, path in written.items():
+    for path in written.values():
         print(f"wrote {path}")
     print(f"image_root: {args.out_dir}")
     return 0
