@@ -44,6 +44,35 @@ def cmd_data_check(args) -> int:
     return 0
 
 
+def cmd_run(args) -> int:
+    from jobs.run import run_job
+
+    return run_job(args.spec, args.overrides, run_dir=args.run_dir)
+
+
+def cmd_config(args) -> int:
+    import json
+
+    from vlrlhf.config import JobSpec, check_inputs, load_spec
+
+    if args.config_command == "schema":
+        print(json.dumps(JobSpec.model_json_schema(), indent=2))
+        return 0
+    spec = load_spec(args.spec, args.overrides)
+    check_inputs(spec)
+    import yaml
+
+    print(yaml.safe_dump(spec.model_dump(), sort_keys=False), end="")
+    return 0
+
+
+def cmd_merge(args) -> int:
+    from jobs.merge import merge_lora
+
+    print(f"merged model written to {merge_lora(args.checkpoint, args.out_dir)}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     from vlrlhf.models.tiny import FAMILIES
 
@@ -64,6 +93,34 @@ def build_parser() -> argparse.ArgumentParser:
                                            "generate with each; prints a table.")
     demo.add_argument("--out-dir", default=".demo/tiny", help="where the tiny checkpoints go")
     demo.set_defaults(func=cmd_demo)
+
+    run = commands.add_parser("run", help="run a job spec (local Ray, or the cluster at RAY_ADDRESS)",
+                              description="Run the job a YAML spec describes. Joins the Ray cluster at "
+                                          "RAY_ADDRESS or starts a local one; the same command is what "
+                                          "`ray job submit --working-dir . -- vlrlhf run SPEC` runs.")
+    run.add_argument("spec")
+    run.add_argument("overrides", nargs="*", help="key.sub=value overrides (value parsed as YAML)")
+    run.add_argument("--run-dir", help="where logs, curves and the quarantine file go (default runs/NAME)")
+    run.set_defaults(func=cmd_run)
+
+    config = commands.add_parser("config", help="show the resolved spec, or its JSON schema",
+                                 description="Validate a job spec and print it resolved, or print the schema.")
+    config_commands = config.add_subparsers(dest="config_command", required=True, metavar="COMMAND")
+    show = config_commands.add_parser("show", help="validate and print the resolved spec",
+                                      description="Validate a spec (with overrides) and print it resolved.")
+    show.add_argument("spec")
+    show.add_argument("overrides", nargs="*")
+    show.set_defaults(func=cmd_config)
+    schema = config_commands.add_parser("schema", help="print the JSON schema of job specs",
+                                        description="Print the JSON schema of job specs.")
+    schema.set_defaults(func=cmd_config)
+
+    merge = commands.add_parser("merge", help="merge a LoRA checkpoint into a full model",
+                                description="Merge a LoRA adapter checkpoint into its base model and write a "
+                                            "full Hugging Face folder.")
+    merge.add_argument("checkpoint")
+    merge.add_argument("out_dir")
+    merge.set_defaults(func=cmd_merge)
 
     data = commands.add_parser("data", help="synthetic data sets and data checks",
                                description="Work with data sets: generate the synthetic shapes data, "

@@ -53,17 +53,28 @@ class EncodedPair:
 
 
 @dataclasses.dataclass
+class EncodedKTO:
+    """A KTO example and its mismatched twin (this prompt, the next record's completion),
+    whose log-probs estimate KTO's KL reference point."""
+
+    completion: EncodedExample
+    mismatched: EncodedExample
+    desirable: bool
+
+
+@dataclasses.dataclass
 class EncodedItem:
     """One encoded record and where it came from."""
 
     position: int  # place in this run's order (resume offsets count these)
     id: str  # 'file:row'
     record: object  # the record (answers, metadata for rewards, spans for DDPO)
-    encoded: EncodedExample | EncodedPair
+    encoded: EncodedExample | EncodedPair | EncodedKTO
 
 
-def encode_record(adapter, record, settings: EncodeSettings) -> EncodedExample | EncodedPair:
-    """Load the record's images and encode it for its task. Raises ImageError / EncodeError."""
+def encode_record(adapter, record, settings: EncodeSettings, partner: str | None = None):
+    """Load the record's images and encode it for its task. Raises ImageError / EncodeError.
+    `partner`: for KTO, the completion of another record (the mismatched pair)."""
     expected = RECORD_FOR_TASK[settings.task]
     if not isinstance(record, expected):
         raise EncodeError("wrong_record_type", f"task {settings.task!r} takes {expected.__name__} records, "
@@ -79,7 +90,10 @@ def encode_record(adapter, record, settings: EncodeSettings) -> EncodedExample |
                            adapter.encode(dump + [{"role": "assistant", "content": record.rejected}], images,
                                           **kwargs))
     if settings.task == "kto":
-        return adapter.encode(dump + [{"role": "assistant", "content": record.completion}], images, **kwargs)
+        completion = adapter.encode(dump + [{"role": "assistant", "content": record.completion}], images, **kwargs)
+        mismatched = adapter.encode(dump + [{"role": "assistant", "content": partner or record.completion}], images,
+                                    **kwargs)
+        return EncodedKTO(completion, mismatched, record.desirable)
     return adapter.encode_prompt(dump, images, **kwargs)
 
 
@@ -103,10 +117,10 @@ def encode_batch(batch: dict, settings: EncodeSettings) -> dict:
     adapter = cached_adapter(settings)
     out = {"position": [], "payload": [], "reason": [], "message": []}
     for position, blob in zip(batch["position"], batch["record"], strict=True):
-        record = pickle.loads(blob)
+        record, partner = pickle.loads(blob)
         payload, reason, message = b"", "", ""
         try:
-            encoded = encode_record(adapter, record, settings)
+            encoded = encode_record(adapter, record, settings, partner)
             payload = pickle.dumps(EncodedItem(int(position), record.id, record, encoded))
         except (ImageError, EncodeError) as error:
             reason, message = error.reason, f"{record.id}: {error}"
@@ -150,7 +164,9 @@ def encoded_dataset(records: list, settings: EncodeSettings, *, start: int = 0, 
         raise ValueError(f"task={settings.task!r} is not one of {', '.join(TASKS)}")
     context = ray.data.DataContext.get_current()
     context.execution_options.preserve_order = True
-    rows = [{"position": position, "record": pickle.dumps(record)}
+    # KTO: each record is paired with the next record's completion (cyclically) for the KL term.
+    partners = [getattr(records[(i + 1) % len(records)], "completion", None) for i in range(len(records))]
+    rows = [{"position": position, "record": pickle.dumps((record, partners[position]))}
             for position, record in enumerate(records) if position >= start]
     if not rows:
         return ray.data.from_items([{"position": 0, "record": b""}]).limit(0)
@@ -187,9 +203,17 @@ def iter_batches(items: Iterator[EncodedItem], adapter, batch_size: int,
 
 
 def collate_items(adapter, items: list[EncodedItem], padding_side: str = "right"):
-    if isinstance(items[0].encoded, EncodedPair):
+    """ModelBatch; (chosen, rejected) for pairs; (completions, mismatched, desirable) for KTO."""
+    first = items[0].encoded
+    if isinstance(first, EncodedPair):
         return (adapter.collate([i.encoded.chosen for i in items], padding_side),
                 adapter.collate([i.encoded.rejected for i in items], padding_side))
+    if isinstance(first, EncodedKTO):
+        import torch
+
+        return (adapter.collate([i.encoded.completion for i in items], padding_side),
+                adapter.collate([i.encoded.mismatched for i in items], padding_side),
+                torch.tensor([i.encoded.desirable for i in items]))
     return adapter.collate([i.encoded for i in items], padding_side)
 
 

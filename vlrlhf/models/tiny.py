@@ -13,7 +13,10 @@ attention needs a supported head size), vision 32-d in 2 layers, 56x56 images.
 from __future__ import annotations
 
 import json
+import os
 import pathlib
+import shutil
+import tempfile
 from collections.abc import Callable
 
 import torch
@@ -253,3 +256,26 @@ def build_tiny_model(family: str, out_dir: str | pathlib.Path, seed: int = 0) ->
             getattr(processor, part).save_pretrained(out)
     (out / "vlrlhf_tiny.json").write_text(json.dumps({"family": family, "seed": seed}) + "\n")
     return out
+
+
+TINY_SCHEME = "tiny:"
+
+
+def ensure_tiny_model(spec: str, cache_dir: str | os.PathLike | None = None) -> pathlib.Path:
+    """'tiny:FAMILY' -> the folder of that tiny checkpoint, built once into the cache
+    (VLRLHF_CACHE, default ~/.cache/vlrlhf). Built in a temp folder and renamed, so
+    concurrent jobs never see half a checkpoint."""
+    family = spec[len(TINY_SCHEME):] if spec.startswith(TINY_SCHEME) else spec
+    if family not in BUILDERS:
+        raise ValueError(f"model.path={spec!r}: tiny family {family!r} is not one of {', '.join(FAMILIES)}")
+    root = pathlib.Path(cache_dir or os.environ.get("VLRLHF_CACHE") or pathlib.Path.home() / ".cache" / "vlrlhf")
+    final = root / "tiny" / family
+    if not (final / "vlrlhf_tiny.json").is_file():
+        final.parent.mkdir(parents=True, exist_ok=True)
+        temp = pathlib.Path(tempfile.mkdtemp(prefix=f".{family}-", dir=final.parent))
+        build_tiny_model(family, temp)
+        try:
+            temp.rename(final) if not final.exists() else shutil.rmtree(temp)
+        except OSError:  # another process won the race
+            shutil.rmtree(temp, ignore_errors=True)
+    return final

@@ -1,0 +1,200 @@
+"""The policy role: the trained model, its optimizer and scheduler.
+
+Verbs: `train_step(micro_batches, reference, normaliser)`, `evaluate(...)`,
+`logprobs(...)` (reference = this policy with LoRA disabled), `save(dir)`,
+`load_state(dir)`. Data parallelism: every worker holds a full replica; after the
+micro-batches of a step, gradients are summed across workers with one all-reduce
+(gloo on CPU, nccl on GPU). Losses arrive divided by the global normaliser, so the
+sum is the gradient of the global mean (see vlrlhf.training).
+"""
+
+from __future__ import annotations
+
+import math
+import pathlib
+import random
+
+import numpy as np
+import torch
+
+from actors.group import WorkerBase, resolve
+from vlrlhf.config import AlgorithmSpec, ModelSpec, TrainerSpec
+from vlrlhf.models.base import LoadOptions
+from vlrlhf.models.registry import load_adapter
+from vlrlhf.training import dpo_micro_step, kto_micro_step, sft_micro_step
+
+
+def device() -> torch.device:
+    return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+
+
+def load_options(model: ModelSpec) -> LoadOptions:
+    return LoadOptions(dtype=model.dtype, attn_implementation=model.attention,
+                       trust_remote_code=model.trust_remote_code)
+
+
+def schedule(trainer: TrainerSpec, total_steps: int):
+    def factor(step: int) -> float:
+        if trainer.warmup_steps and step < trainer.warmup_steps:
+            return (step + 1) / trainer.warmup_steps
+        if trainer.lr_schedule == "constant":
+            return 1.0
+        progress = min(1.0, (step - trainer.warmup_steps) / max(1, total_steps - trainer.warmup_steps))
+        if trainer.lr_schedule == "linear":
+            return 1.0 - progress
+        return 0.5 * (1.0 + math.cos(math.pi * progress))
+
+    return factor
+
+
+class PolicyWorker(WorkerBase):
+    def __init__(self, model: ModelSpec, algorithm: AlgorithmSpec, trainer: TrainerSpec, total_steps: int):
+        torch.manual_seed(trainer.seed)
+        self.model_spec, self.algorithm, self.trainer = model, algorithm, trainer
+        self.device = device()
+        self.adapter = load_adapter(model.path, adapter=model.adapter, options=load_options(model))
+        network = self.adapter.load_model(load_options(model))
+        if model.freeze_vision:
+            self.adapter.freeze_vision(network)
+        if model.lora is not None:
+            from peft import LoraConfig, get_peft_model
+
+            targets = self.adapter.lora_targets(network) if model.lora.targets == "auto" else model.lora.targets
+            network = get_peft_model(network, LoraConfig(r=model.lora.r, lora_alpha=model.lora.alpha,
+                                                         lora_dropout=model.lora.dropout, target_modules=targets))
+        if model.gradient_checkpointing:
+            network.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        self.model = network.to(self.device).train()
+        self.parameters = [p for p in self.model.parameters() if p.requires_grad]
+        self.optimizer = torch.optim.AdamW(self.parameters, lr=trainer.lr, weight_decay=trainer.weight_decay)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, schedule(trainer, total_steps))
+        self.step = 0
+
+    def setup_distributed(self, master, port, rank, world_size):
+        super().setup_distributed(master, port, rank, world_size)
+        if world_size > 1:  # identical replicas, whatever each process initialised
+            import torch.distributed as dist
+
+            for parameter in self.model.parameters():
+                dist.broadcast(parameter.data, src=0)
+
+    # ------------------------------------------------------------------ training
+    def _micro_loss(self, micro, reference, normaliser):
+        name = self.algorithm.name
+        if name == "sft":
+            return sft_micro_step(self.adapter, self.model, micro.to(self.device), self.algorithm, normaliser)
+        if name == "dpo":
+            chosen, rejected = micro
+            return dpo_micro_step(self.adapter, self.model, chosen.to(self.device), rejected.to(self.device),
+                                  reference, self.algorithm, normaliser)
+        completions, mismatched, desirable = micro
+        return kto_micro_step(self.adapter, self.model, completions.to(self.device), mismatched.to(self.device),
+                              desirable, reference, self.algorithm, normaliser)
+
+    def train_step(self, micro_batches: list, reference, normaliser: float) -> dict:
+        """One optimizer step over this worker's micro-batches; returns metric sums."""
+        reference = resolve(reference)
+        references = reference if reference is not None else [None] * len(micro_batches)
+        sums = []
+        for micro, ref in zip(micro_batches, references, strict=True):
+            loss, metrics = self._micro_loss(micro, ref, normaliser)
+            loss.backward()
+            sums.append(metrics)
+        self._all_reduce_gradients()
+        grad_norm = self._clip()
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.step += 1
+        return {"sums": sums, "grad_norm": grad_norm, "lr": self.scheduler.get_last_lr()[0]}
+
+    def _all_reduce_gradients(self) -> None:
+        if self.world_size == 1:
+            return
+        import torch.distributed as dist
+
+        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in self.parameters]
+        flat = torch.cat([g.reshape(-1) for g in grads])
+        dist.all_reduce(flat)
+        offset = 0
+        for parameter, grad in zip(self.parameters, grads, strict=True):
+            parameter.grad = flat[offset: offset + grad.numel()].view_as(parameter).clone()
+            offset += grad.numel()
+
+    def _clip(self) -> float:
+        if self.trainer.max_grad_norm is None:
+            grads = [p.grad for p in self.parameters if p.grad is not None]
+            return float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))) \
+                if grads else 0.0
+        return float(torch.nn.utils.clip_grad_norm_(self.parameters, self.trainer.max_grad_norm))
+
+    @torch.no_grad()
+    def evaluate(self, micro_batches: list, reference) -> dict:
+        """Metric sums of the objective on held-out micro-batches (no update)."""
+        reference = resolve(reference)
+        references = reference if reference is not None else [None] * len(micro_batches)
+        self.model.eval()
+        try:
+            sums = [self._micro_loss(micro, ref, 1.0)[1] for micro, ref in zip(micro_batches, references,
+                                                                                  strict=True)]
+        finally:
+            self.model.train()
+        return {"sums": sums}
+
+    @torch.no_grad()
+    def logprobs(self, micro_batches: list) -> list:
+        """Reference log-probs from this policy with its LoRA adapters disabled."""
+        from actors.reference import reference_logps
+
+        self.model.eval()
+        try:
+            with self.model.disable_adapter():
+                return reference_logps(self.adapter, self.model, micro_batches, self.device)
+        finally:
+            self.model.train()
+
+    # ------------------------------------------------------------------ state
+    def save(self, folder: str, trainer_state: dict) -> None:
+        """Rank 0 writes an HF folder (adapter folder for LoRA) plus the training state."""
+        if self.rank != 0:
+            return
+        out = pathlib.Path(folder)
+        self.model.save_pretrained(out)
+        self.adapter.processor.save_pretrained(out)
+        torch.save({"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+                    "step": self.step, "rng": _rng_state(), **trainer_state}, out / "trainer_state.pt")
+
+    def load_state(self, folder: str) -> dict:
+        """Weights, optimizer, scheduler and RNG from a checkpoint; returns its trainer state."""
+        out = pathlib.Path(folder)
+        state = torch.load(out / "trainer_state.pt", weights_only=False)
+        if self.model_spec.lora is not None:
+            from peft import set_peft_model_state_dict
+            from safetensors.torch import load_file
+
+            set_peft_model_state_dict(self.model, load_file(out / "adapter_model.safetensors"))
+        else:
+            loaded = type(self.model).from_pretrained(out, dtype=next(self.model.parameters()).dtype)
+            self.model.load_state_dict(loaded.state_dict())
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.step = state["step"]
+        _set_rng_state(state["rng"])
+        return {k: v for k, v in state.items() if k not in ("optimizer", "scheduler", "rng")}
+
+    def trainable_state(self) -> dict:
+        """name -> tensor of every trainable parameter (tests and weight sync)."""
+        return {n: p.detach().cpu().clone() for n, p in self.model.named_parameters() if p.requires_grad}
+
+    def frozen_state(self) -> dict:
+        return {n: p.detach().cpu().clone() for n, p in self.model.named_parameters() if not p.requires_grad}
+
+
+def _rng_state() -> dict:
+    return {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+
+
+def _set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(state["numpy"])
+    random.setstate(state["python"])

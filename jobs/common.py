@@ -1,0 +1,178 @@
+"""What every offline driver shares: data set-up, sharding, checkpoints, tracking, plots."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import pathlib
+import shutil
+import time
+
+from vlrlhf.config import JobSpec
+from vlrlhf.data.pipeline import EncodeSettings, collate_items, split_records
+from vlrlhf.data.reader import BadRecords, read_records
+
+TASK_OF = {"sft": "sft", "dpo": "preference", "kto": "kto"}
+
+
+# ---------------------------------------------------------------- data
+
+@dataclasses.dataclass
+class JobData:
+    train: list
+    held_out: list
+    settings: EncodeSettings
+    bad: BadRecords
+
+
+def prepare_data(spec: JobSpec, run_dir: pathlib.Path) -> JobData:
+    data = spec.data
+    bad = BadRecords(data.on_bad_record, quarantine_path=run_dir / "quarantine.jsonl")
+    records = read_records(data.train, data.format, options=data.format_options, bad=bad)
+    if data.eval:
+        train, held_out = records, read_records(data.eval, data.format, options=data.format_options, bad=bad)
+    else:
+        train, held_out = split_records(records, data.eval_fraction, spec.trainer.seed)
+    settings = EncodeSettings(model_path=spec.model.path, task=TASK_OF[spec.algorithm.name],
+                              adapter=spec.model.adapter, max_length=data.max_length, image_root=data.image_root,
+                              max_pixels=data.max_pixels)
+    return JobData(train, held_out, settings, bad)
+
+
+def shard(items: list, world_size: int, micro_batch_size: int, adapter) -> list[list]:
+    """A global batch -> per worker, a list of collated micro-batches (contiguous slices)."""
+    per_worker = len(items) // world_size
+    shares = [items[w * per_worker:(w + 1) * per_worker] for w in range(world_size)]
+    return [[collate_items(adapter, share[i:i + micro_batch_size]) for i in range(0, len(share), micro_batch_size)]
+            for share in shares]
+
+
+def normaliser_for(spec: JobSpec, items: list) -> float:
+    """The global denominator of the loss (see vlrlhf.training)."""
+    if spec.algorithm.name == "sft" and spec.algorithm.sft_aggregation == "token-mean":
+        return float(sum(item.encoded.num_label_tokens for item in items))
+    return float(len(items))
+
+
+# ---------------------------------------------------------------- checkpoints
+
+class Checkpoints:
+    """step-N folders under checkpoint.dir, written atomically (temp dir + rename)."""
+
+    def __init__(self, directory: str, keep_last: int):
+        self.root = pathlib.Path(directory)
+        self.keep_last = keep_last
+
+    def path(self, step: int) -> pathlib.Path:
+        return self.root / f"step-{step:06d}"
+
+    def complete(self) -> list[pathlib.Path]:
+        if not self.root.is_dir():
+            return []
+        return sorted(p for p in self.root.glob("step-*") if (p / "trainer_state.pt").is_file()
+                      and not p.name.endswith(".tmp"))
+
+    def latest(self) -> pathlib.Path | None:
+        found = self.complete()
+        return found[-1] if found else None
+
+    def save(self, step: int, write) -> pathlib.Path:
+        """`write(temp_folder)` fills the folder; it becomes step-N only once complete."""
+        final = self.path(step)
+        temp = final.with_name(final.name + ".tmp")
+        shutil.rmtree(temp, ignore_errors=True)
+        temp.mkdir(parents=True)
+        write(str(temp))
+        if final.exists():
+            shutil.rmtree(final)
+        temp.rename(final)  # atomic on one filesystem: a crash leaves the last good step-N intact
+        for old in self.complete()[: -self.keep_last]:
+            shutil.rmtree(old, ignore_errors=True)
+        return final
+
+
+def resume_from(spec: JobSpec, checkpoints: Checkpoints) -> pathlib.Path | None:
+    if spec.checkpoint.resume == "off":
+        return None
+    if spec.checkpoint.resume == "auto":
+        return checkpoints.latest()
+    path = pathlib.Path(spec.checkpoint.resume)
+    if not (path / "trainer_state.pt").is_file():
+        raise ValueError(f"checkpoint.resume={path}: not a vlrlhf checkpoint (no trainer_state.pt)")
+    return path
+
+
+# ---------------------------------------------------------------- tracking
+
+class Tracker:
+    """Metrics to a JSONL file always, and to TensorBoard or W&B when the spec asks."""
+
+    def __init__(self, spec: JobSpec, run_dir: pathlib.Path):
+        self.path = run_dir / "metrics.jsonl"
+        self.kind = spec.tracking.kind
+        self.writer = None
+        if self.kind == "tensorboard":
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.writer = SummaryWriter(log_dir=str(run_dir / "tensorboard"))
+        elif self.kind == "wandb":
+            import wandb
+
+            self.writer = wandb.init(project=spec.tracking.project, name=spec.name, dir=str(run_dir),
+                                     mode="offline" if spec.tracking.offline else "online",
+                                     config=spec.model_dump())
+        self.metrics = None
+        try:
+            from ray.util import metrics as ray_metrics
+
+            self.metrics = {"step_time": ray_metrics.Gauge("vlrlhf_step_time_s", "seconds per optimizer step"),
+                            "throughput": ray_metrics.Gauge("vlrlhf_samples_per_s", "training examples per second")}
+        except Exception:  # no Ray worker context (in-process runs)
+            self.metrics = None
+
+    def log(self, step: int, values: dict[str, float]) -> None:
+        with self.path.open("a") as handle:
+            handle.write(json.dumps({"step": step, "time": time.time(), **values}) + "\n")
+        if self.kind == "tensorboard":
+            for key, value in values.items():
+                self.writer.add_scalar(key, value, step)
+        elif self.kind == "wandb":
+            self.writer.log(values, step=step)
+        if self.metrics is not None:
+            if "train/step_time" in values:
+                self.metrics["step_time"].set(values["train/step_time"])
+            if "train/samples_per_s" in values:
+                self.metrics["throughput"].set(values["train/samples_per_s"])
+
+    def close(self) -> None:
+        if self.kind == "tensorboard":
+            self.writer.close()
+        elif self.kind == "wandb":
+            self.writer.finish()
+
+
+def plot_curves(metrics_path: pathlib.Path, out: pathlib.Path) -> pathlib.Path | None:
+    """A PNG of every logged curve (train and eval), one panel each."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [json.loads(line) for line in metrics_path.read_text().splitlines()] if metrics_path.exists() else []
+    keys = sorted({k for row in rows for k in row if "/" in k and isinstance(row[k], (int, float))})
+    if not keys:
+        return None
+    columns = min(3, len(keys))
+    lines = (len(keys) + columns - 1) // columns
+    figure, axes = plt.subplots(lines, columns, figsize=(4 * columns, 3 * lines), squeeze=False)
+    for axis, key in zip(axes.flat, keys, strict=False):
+        points = [(row["step"], row[key]) for row in rows if key in row]
+        axis.plot([p[0] for p in points], [p[1] for p in points], marker="." if len(points) < 30 else None)
+        axis.set_title(key)
+        axis.set_xlabel("step")
+    for axis in list(axes.flat)[len(keys):]:
+        axis.axis("off")
+    figure.tight_layout()
+    figure.savefig(out, dpi=80)
+    plt.close(figure)
+    return out

@@ -1,0 +1,48 @@
+"""`vlrlhf run SPEC [overrides]`: validate, start or join Ray, run the job.
+
+A bad spec (unknown key, wrong type, missing data file, model folder without weights)
+is one clear message and exit code 2, before Ray starts.
+"""
+
+from __future__ import annotations
+
+import os
+import pathlib
+import sys
+
+from vlrlhf.config import SpecError, check_inputs, load_spec
+
+RAY_DEFAULTS = {"RAY_USAGE_STATS_ENABLED": "0", "TOKENIZERS_PARALLELISM": "false"}
+
+
+def start_ray() -> None:
+    import ray
+
+    if ray.is_initialized():
+        return
+    for key, value in RAY_DEFAULTS.items():
+        os.environ.setdefault(key, value)
+    address = os.environ.get("RAY_ADDRESS")
+    # Worker processes inherit the job's environment variables.
+    runtime_env = {"env_vars": {k: os.environ[k] for k in ("TOKENIZERS_PARALLELISM", "HF_HUB_OFFLINE")
+                                if k in os.environ}}
+    if address:
+        ray.init(address=address, runtime_env=runtime_env, logging_level="WARNING")
+    else:
+        ray.init(address="local", runtime_env=runtime_env, include_dashboard=False, logging_level="WARNING")
+    ray.data.DataContext.get_current().enable_progress_bars = False
+
+
+def run_job(spec_path: str, overrides: list[str], run_dir: str | None = None) -> int:
+    try:
+        spec = load_spec(spec_path, overrides)
+        check_inputs(spec)
+    except SpecError as error:
+        print(f"vlrlhf: error: {error}", file=sys.stderr)
+        return 2
+    folder = pathlib.Path(run_dir or pathlib.Path("runs") / spec.name).resolve()
+    start_ray()
+    from jobs.offline import run_offline
+
+    run_offline(spec, folder)
+    return 0

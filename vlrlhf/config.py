@@ -1,0 +1,242 @@
+"""JobSpec: one YAML file describes one job. Validated up front, before Ray starts.
+
+    spec = load_spec("configs/demo_dpo.yaml", ["trainer.max_steps=2", "algorithm.beta=0.2"])
+
+Overrides are `dotted.key=value`, the value parsed as YAML (`a.b=[1, 2]`, `x=null`).
+Unknown keys and wrong types are errors that name the key and the allowed values.
+Relative paths in the spec resolve against the spec file's folder.
+"""
+
+from __future__ import annotations
+
+import pathlib
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class LoraSpec(Section):
+    r: int = Field(16, gt=0)
+    alpha: float = 32.0
+    dropout: float = Field(0.0, ge=0, lt=1)
+    targets: Literal["auto"] | list[str] = "auto"  # auto: the language model's linear layers
+
+
+class ModelSpec(Section):
+    path: str
+    adapter: str | None = None  # 'package.module:Class' for a family vlrlhf does not ship
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    attention: Literal["sdpa", "eager", "flash_attention_2"] = "sdpa"
+    trust_remote_code: bool = False
+    freeze_vision: bool = True
+    gradient_checkpointing: bool = False
+    lora: LoraSpec | None = None
+
+
+class DataSpec(Section):
+    format: str
+    train: list[str]
+    eval: list[str] = []  # separate held-out files; else eval_fraction of train
+    eval_fraction: float = Field(0.0, ge=0, lt=1)
+    image_root: str | None = None  # default: the first train file's folder
+    max_length: int = Field(2048, gt=0)
+    max_pixels: int = Field(40_000_000, gt=0)
+    on_bad_record: Literal["raise", "skip"] = "raise"
+    format_options: dict[str, Any] = {}
+
+    @field_validator("train", "eval", mode="before")
+    @classmethod
+    def _as_list(cls, value):
+        return [value] if isinstance(value, str) else value
+
+
+class AlgorithmSpec(Section):
+    name: Literal["sft", "dpo", "kto"]
+    loss_type: str | list[str] | dict[str, float] = "sigmoid"
+    beta: float = Field(0.1, gt=0)
+    label_smoothing: float = Field(0.0, ge=0, lt=1)
+    gamma: float = 0.5  # SimPO margin
+    desirable_weight: float = 1.0  # KTO
+    undesirable_weight: float = 1.0  # KTO
+    sft_aggregation: Literal["token-mean", "seq-mean-token-mean", "seq-mean-token-sum"] = "token-mean"
+
+    @model_validator(mode="after")
+    def _known_loss_types(self):
+        from vlrlhf.losses.preference import normalise_loss_types
+
+        if self.name == "dpo":
+            try:
+                normalise_loss_types(self.loss_type)
+            except ValueError as error:
+                raise ValueError(f"algorithm.{error}") from None
+        return self
+
+
+class GroupSpec(Section):
+    num_workers: int = Field(1, ge=0)  # 0: run in the driver process, no Ray actor
+    gpus: float = Field(0.0, ge=0)  # per worker
+    cpus: float = Field(1.0, ge=0)  # per worker
+    placement: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = "PACK"
+
+
+class ResourcesSpec(Section):
+    policy: GroupSpec = GroupSpec()
+    reference: GroupSpec = GroupSpec(num_workers=0)
+
+
+class ReferenceSpec(Section):
+    # separate: a reference group loads model.path (or `path`); policy: the policy with
+    # its LoRA adapters disabled; none: reference-free losses (SimPO, CPO, ORPO, SFT).
+    mode: Literal["separate", "policy", "none"] = "separate"
+    path: str | None = None
+
+
+class TrainerSpec(Section):
+    strategy: Literal["ddp", "deepspeed"] = "ddp"
+    zero_stage: Literal[2, 3] = 2
+    lr: float = Field(1e-5, gt=0)
+    lr_schedule: Literal["constant", "linear", "cosine"] = "cosine"
+    warmup_steps: int = Field(0, ge=0)
+    weight_decay: float = Field(0.0, ge=0)
+    max_grad_norm: float | None = 1.0
+    batch_size: int = Field(8, gt=0)  # global: examples (pairs) per optimizer step
+    micro_batch_size: int = Field(8, gt=0)  # per worker per forward; accumulation fills the rest
+    max_steps: int | None = Field(None, gt=0)
+    epochs: int = Field(1, gt=0)
+    seed: int = 0
+    eval_every: int = Field(0, ge=0)  # steps; 0: only at the end
+    log_every: int = Field(1, gt=0)
+
+
+class CheckpointSpec(Section):
+    dir: str = "runs/checkpoints"
+    every: int = Field(0, ge=0)  # steps; 0: only at the end
+    keep_last: int = Field(2, gt=0)
+    resume: str = "auto"  # auto | off | a checkpoint folder
+
+
+class TrackingSpec(Section):
+    kind: Literal["jsonl", "tensorboard", "wandb"] = "jsonl"
+    dir: str = "runs/logs"
+    project: str = "vlrlhf"
+    offline: bool = True  # wandb without a network
+
+
+class JobSpec(Section):
+    name: str = "job"
+    model: ModelSpec
+    data: DataSpec
+    algorithm: AlgorithmSpec
+    resources: ResourcesSpec = ResourcesSpec()
+    reference: ReferenceSpec = ReferenceSpec()
+    trainer: TrainerSpec = TrainerSpec()
+    checkpoint: CheckpointSpec = CheckpointSpec()
+    tracking: TrackingSpec = TrackingSpec()
+
+    @model_validator(mode="after")
+    def _consistent(self):
+        workers = max(self.resources.policy.num_workers, 1)
+        if self.trainer.batch_size % workers:
+            raise ValueError(f"trainer.batch_size={self.trainer.batch_size} must divide evenly over "
+                             f"resources.policy.num_workers={workers}")
+        if self.algorithm.name == "kto" and self.trainer.batch_size // workers < 2:
+            raise ValueError("algorithm.name=kto needs trainer.batch_size >= 2 per worker (KTO's KL reference point)")
+        if self.resources.reference.num_workers not in (0, self.resources.policy.num_workers):
+            raise ValueError("resources.reference.num_workers must be 0 (in the driver) or equal to "
+                             f"resources.policy.num_workers={self.resources.policy.num_workers}")
+        if self.reference.mode == "policy" and self.model.lora is None and self.algorithm.name != "sft":
+            raise ValueError("reference.mode=policy needs model.lora (the reference is the policy with its "
+                             "adapters disabled); use reference.mode=separate for full fine-tuning")
+        return self
+
+
+class SpecError(ValueError):
+    """A bad job spec: one message naming the key and what is allowed."""
+
+
+def _format_error(error: ValidationError, source: str) -> str:
+    lines = [f"{source}: invalid job spec"]
+    for item in error.errors():
+        key = ".".join(str(part) for part in item["loc"]) or "(top level)"
+        message = item["msg"].removeprefix("Value error, ")
+        if item["type"] == "extra_forbidden":
+            message = "unknown key"
+        elif item["type"] == "literal_error":
+            message = f"must be one of {item['ctx']['expected']} (got {item['input']!r})"
+        elif item["type"] == "missing":
+            message = "required key is missing"
+        lines.append(f"  {key}: {message}")
+    return "\n".join(lines)
+
+
+def apply_override(data: dict, override: str) -> None:
+    key, sep, raw = override.partition("=")
+    if not sep or not key:
+        raise SpecError(f"override {override!r} must look like key.sub=value")
+    node = data
+    parts = key.split(".")
+    for part in parts[:-1]:
+        if not isinstance(node.setdefault(part, {}), dict):
+            raise SpecError(f"override {override!r}: {part!r} is not a section")
+        node = node[part]
+    node[parts[-1]] = yaml.safe_load(raw) if raw != "" else ""
+
+
+def _resolve(path: str | None, base: pathlib.Path) -> str | None:
+    if path is None or "://" in path or pathlib.Path(path).is_absolute():
+        return path
+    return str((base / path).resolve())
+
+
+def load_spec(path: str | pathlib.Path, overrides: list[str] = ()) -> JobSpec:
+    """Read, override and validate a spec; paths become absolute (relative to the file)."""
+    spec_path = pathlib.Path(path)
+    if not spec_path.is_file():
+        raise SpecError(f"job spec {spec_path} does not exist")
+    try:
+        data = yaml.safe_load(spec_path.read_text()) or {}
+    except yaml.YAMLError as error:
+        raise SpecError(f"{spec_path}: not valid YAML ({error})") from None
+    if not isinstance(data, dict):
+        raise SpecError(f"{spec_path}: a job spec is a mapping of sections")
+    for override in overrides:
+        apply_override(data, override)
+    try:
+        spec = JobSpec.model_validate(data)
+    except ValidationError as error:
+        raise SpecError(_format_error(error, str(spec_path))) from None
+    base = spec_path.resolve().parent
+    if spec.model.path.startswith("tiny:"):  # a tiny random checkpoint, built on first use (demos, tests)
+        from vlrlhf.models.tiny import ensure_tiny_model
+
+        try:
+            spec.model.path = str(ensure_tiny_model(spec.model.path))
+        except ValueError as error:
+            raise SpecError(str(error)) from None
+    spec.model.path = _resolve(spec.model.path, base)
+    spec.data.train = [_resolve(p, base) for p in spec.data.train]
+    spec.data.eval = [_resolve(p, base) for p in spec.data.eval]
+    spec.data.image_root = _resolve(spec.data.image_root, base) or str(pathlib.Path(spec.data.train[0]).parent)
+    spec.reference.path = _resolve(spec.reference.path, base)
+    spec.checkpoint.dir = _resolve(spec.checkpoint.dir, pathlib.Path.cwd())
+    spec.tracking.dir = _resolve(spec.tracking.dir, pathlib.Path.cwd())
+    return spec
+
+
+def check_inputs(spec: JobSpec) -> None:
+    """Files the job needs exist: fail before any Ray start."""
+    model = pathlib.Path(spec.model.path)
+    if "://" not in spec.model.path:
+        if not (model / "config.json").is_file():
+            raise SpecError(f"model.path={spec.model.path}: no config.json there")
+        if not any(model.glob("*.safetensors")) and not any(model.glob("*.bin")):
+            raise SpecError(f"model.path={spec.model.path}: no weights (*.safetensors) there")
+    for key, paths in (("data.train", spec.data.train), ("data.eval", spec.data.eval)):
+        for path in paths:
+            if "://" not in path and not pathlib.Path(path).is_file():
+                raise SpecError(f"{key}: data file {path} does not exist")

@@ -1,0 +1,115 @@
+"""One micro-batch of each offline objective: model forward -> loss and metric sums.
+
+Losses come back as SUMS over the micro-batch divided by the caller's `normaliser`
+(the global batch's pair count, or token count for token-mean SFT), so that gradient
+accumulation and data parallelism reproduce the single large batch exactly: the
+gradients of all micro-batches on all workers add up to the gradient of the global
+mean. Metrics come back as sums with a count, for the same reason.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+
+from vlrlhf.config import AlgorithmSpec
+from vlrlhf.losses.preference import dpo_loss, kto_loss
+from vlrlhf.losses.sft import sft_loss
+from vlrlhf.models.batch import ModelBatch
+from vlrlhf.models.logprobs import sequence_logprobs
+
+
+@dataclasses.dataclass
+class PairLogps:
+    """Per-pair summed log-probs and lengths, (B,) each."""
+
+    chosen: torch.Tensor
+    rejected: torch.Tensor
+    chosen_lengths: torch.Tensor
+    rejected_lengths: torch.Tensor
+
+
+def sequence_logps(adapter, model, batch: ModelBatch) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B,) summed log-probs of the labels and (B,) label counts."""
+    token_logps = adapter.token_logprobs(model, batch)
+    mask = batch.loss_mask
+    return sequence_logprobs(token_logps, mask), mask.sum(-1)
+
+
+def pair_logps(adapter, model, chosen: ModelBatch, rejected: ModelBatch) -> PairLogps:
+    """Chosen and rejected rows, one forward each (the vision tower sees each image twice;
+    a shared-prompt forward would go behind the adapter)."""
+    c, chosen_lengths = sequence_logps(adapter, model, chosen)
+    r, rejected_lengths = sequence_logps(adapter, model, rejected)
+    return PairLogps(c, r, chosen_lengths, rejected_lengths)
+
+
+def dpo_micro_step(adapter, model, chosen: ModelBatch, rejected: ModelBatch, reference: PairLogps | None,
+                   algorithm: AlgorithmSpec, normaliser: float) -> tuple[torch.Tensor, dict[str, float]]:
+    policy = pair_logps(adapter, model, chosen, rejected)
+    ref_c = reference.chosen.to(policy.chosen.device) if reference is not None else None
+    ref_r = reference.rejected.to(policy.chosen.device) if reference is not None else None
+    out = dpo_loss(policy.chosen, policy.rejected, ref_c, ref_r, loss_type=algorithm.loss_type,
+                   beta=algorithm.beta, label_smoothing=algorithm.label_smoothing,
+                   chosen_lengths=policy.chosen_lengths, rejected_lengths=policy.rejected_lengths,
+                   gamma=algorithm.gamma)
+    loss = out.losses.sum() / normaliser
+    margin = out.chosen_rewards - out.rejected_rewards
+    metrics = {"loss_sum": float(out.losses.detach().sum()), "count": len(margin),
+               "reward_accuracy_sum": float((margin > 0).float().sum()), "reward_margin_sum": float(margin.sum()),
+               "chosen_reward_sum": float(out.chosen_rewards.sum()),
+               "rejected_reward_sum": float(out.rejected_rewards.sum()),
+               "chosen_logp_sum": float(policy.chosen.detach().sum())}
+    return loss, metrics
+
+
+def sft_micro_step(adapter, model, batch: ModelBatch, algorithm: AlgorithmSpec,
+                   normaliser: float) -> tuple[torch.Tensor, dict[str, float]]:
+    token_logps = adapter.token_logprobs(model, batch)
+    mask = batch.loss_mask
+    if algorithm.sft_aggregation == "token-mean":  # normaliser: label tokens in the global batch
+        total = -(token_logps * mask).sum()
+    else:  # per-sequence terms; normaliser: sequences in the global batch
+        per_sequence = sft_loss(token_logps, mask, "seq-mean-token-sum" if algorithm.sft_aggregation ==
+                                "seq-mean-token-sum" else "seq-mean-token-mean") * len(batch)
+        total = per_sequence
+    loss = total / normaliser
+    metrics = {"loss_sum": float(total.detach()), "count": float(mask.sum()) if algorithm.sft_aggregation ==
+               "token-mean" else len(batch), "examples": len(batch)}
+    return loss, metrics
+
+
+def kto_micro_step(adapter, model, completions: ModelBatch, mismatched: ModelBatch, desirable: torch.Tensor,
+                   reference: tuple[torch.Tensor, torch.Tensor], algorithm: AlgorithmSpec,
+                   normaliser: float) -> tuple[torch.Tensor, dict[str, float]]:
+    policy_logps, _ = sequence_logps(adapter, model, completions)
+    with torch.no_grad():  # the KL reference point carries no gradient
+        kl_logps, _ = sequence_logps(adapter, model, mismatched)
+    ref_logps, ref_kl = (value.to(policy_logps.device) for value in reference)
+    out = kto_loss(policy_logps, ref_logps, desirable.to(policy_logps.device), kl_logps, ref_kl,
+                   beta=algorithm.beta, desirable_weight=algorithm.desirable_weight,
+                   undesirable_weight=algorithm.undesirable_weight)
+    loss = out.losses.sum() / normaliser
+    good = desirable.bool().to(out.rewards.device)
+    metrics = {"loss_sum": float(out.losses.detach().sum()), "count": len(good), "kl_sum": float(out.kl) * len(good),
+               "desirable_reward_sum": float(out.rewards[good].sum()), "desirable_count": float(good.sum()),
+               "undesirable_reward_sum": float(out.rewards[~good].sum()), "undesirable_count": float((~good).sum())}
+    return loss, metrics
+
+
+def finish_metrics(sums: list[dict[str, float]]) -> dict[str, float]:
+    """Add up metric sums from micro-batches/workers and turn *_sum into means."""
+    total: dict[str, float] = {}
+    for item in sums:
+        for key, value in item.items():
+            total[key] = total.get(key, 0.0) + value
+    out = {}
+    for key, value in total.items():
+        if key.endswith("_sum"):
+            name = key[: -len("_sum")]
+            # desirable_reward / undesirable_reward have their own counts
+            denominator = total.get(name.split("_")[0] + "_count", total.get("count", 0.0))
+            out[name] = value / denominator if denominator else 0.0
+    out["examples"] = total.get("examples", total.get("count", 0.0))
+    return out
