@@ -18,9 +18,12 @@ def cmd_tiny_model(args) -> int:
 
 
 def cmd_demo(args) -> int:
-    from jobs.demo import run_model_demo
+    from jobs.demo import run_demo, run_model_demo
 
-    run_model_demo(args.out_dir)
+    if args.models:
+        run_model_demo(f"{args.out_dir}/tiny")
+    else:
+        run_demo(args.out_dir, seed=args.seed)
     return 0
 
 
@@ -88,10 +91,13 @@ def build_parser() -> argparse.ArgumentParser:
     tiny.add_argument("--seed", type=int, default=0)
     tiny.set_defaults(func=cmd_tiny_model)
 
-    demo = commands.add_parser("demo", help="run the demo on tiny models (CPU, no downloads)",
-                               description="Build every tiny checkpoint, then encode, score and "
-                                           "generate with each; prints a table.")
-    demo.add_argument("--out-dir", default=".demo/tiny", help="where the tiny checkpoints go")
+    demo = commands.add_parser("demo", help="SFT then DPO of a tiny VLM on the bundled data (CPU, minutes)",
+                               description="Run the main job on its embedded defaults: SFT then DPO of a tiny "
+                                           "LLaVA on the bundled shapes data on local Ray, then print held-out "
+                                           "metrics before and after. --models instead checks every model family.")
+    demo.add_argument("--out-dir", default=".demo", help="where checkpoints and logs go")
+    demo.add_argument("--seed", type=int, default=0)
+    demo.add_argument("--models", action="store_true", help="encode/score/generate with every tiny family")
     demo.set_defaults(func=cmd_demo)
 
     run = commands.add_parser("run", help="run a job spec (local Ray, or the cluster at RAY_ADDRESS)",

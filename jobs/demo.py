@@ -1,7 +1,13 @@
-"""`vlrlhf demo`: build every tiny checkpoint, then encode, score and generate with each.
+"""`vlrlhf demo`: the main job on its embedded defaults, then before/after numbers.
 
-This is the end-to-end check of the model layer on a fresh machine: each family is
-loaded from its folder through the same code that loads real checkpoints.
+1. SFT of a tiny LLaVA on the bundled shapes data (configs/demo_sft.yaml), local Ray, CPU;
+2. DPO from the SFT checkpoint on the shapes preference pairs (configs/demo_dpo.yaml);
+3. held-out metrics of the random base, SFT and DPO models:
+   - preference accuracy: share of test pairs where log pi(chosen) > log pi(rejected)
+   - exact match: greedy answers equal to the reference answer on the test questions.
+
+`vlrlhf demo --models` is the model-layer check instead: every tiny family encoded,
+scored and generated with.
 """
 
 from __future__ import annotations
@@ -10,30 +16,109 @@ import pathlib
 import time
 
 import torch
-from PIL import Image, ImageDraw
 
+from vlrlhf.data.images import load_image
+from vlrlhf.data.reader import read_records
 from vlrlhf.models.logprobs import sequence_logprobs
 from vlrlhf.models.registry import load_adapter
 from vlrlhf.models.tiny import FAMILIES, build_tiny_model
 
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+DATA = ROOT / "data" / "shapes"
 
-def draw_shape(colour: str, size: int = 56) -> Image.Image:
-    image = Image.new("RGB", (size, size), "white")
-    ImageDraw.Draw(image).polygon([(size // 2, 6), (6, size - 6), (size - 6, size - 6)], fill=colour)
-    return image
 
+# ---------------------------------------------------------------- held-out metrics
+
+@torch.no_grad()
+def preference_accuracy(adapter, model, records, image_root, batch_size: int = 32) -> float:
+    wins = 0
+    for start in range(0, len(records), batch_size):
+        chunk = records[start:start + batch_size]
+        chosen, rejected = [], []
+        for record in chunk:
+            images = [load_image(s, image_root=image_root) for s in record.images]
+            prompt = [m.model_dump() for m in record.prompt]
+            chosen.append(adapter.encode(prompt + [{"role": "assistant", "content": record.chosen}], images))
+            rejected.append(adapter.encode(prompt + [{"role": "assistant", "content": record.rejected}], images))
+        scores = []
+        for examples in (chosen, rejected):
+            batch = adapter.collate(examples)
+            scores.append(sequence_logprobs(adapter.token_logprobs(model, batch), batch.loss_mask))
+        wins += int((scores[0] > scores[1]).sum())
+    return wins / len(records)
+
+
+@torch.no_grad()
+def exact_match(adapter, model, records, image_root, batch_size: int = 32) -> float:
+    hits = 0
+    for start in range(0, len(records), batch_size):
+        chunk = records[start:start + batch_size]
+        prompts = [adapter.encode_prompt([m.model_dump() for m in r.messages[:-1]],
+                                         [load_image(s, image_root=image_root) for s in r.images]) for r in chunk]
+        outputs = adapter.generate(model, adapter.collate(prompts, padding_side="left"), max_new_tokens=6)
+        for record, tokens in zip(chunk, outputs, strict=True):
+            answer = adapter.tokenizer.decode(tokens, skip_special_tokens=True).strip().lower()
+            hits += answer == record.messages[-1].content.strip().lower()
+    return hits / len(records)
+
+
+def held_out_metrics(path: str) -> dict[str, float]:
+    adapter = load_adapter(path)
+    model = adapter.load_model().eval()
+    pairs = read_records(str(DATA / "test_preference.json"), "plain_dpo")
+    questions = read_records(str(DATA / "test_sft.json"), "llava")
+    return {"preference_accuracy": preference_accuracy(adapter, model, pairs, DATA),
+            "exact_match": exact_match(adapter, model, questions, DATA)}
+
+
+# ---------------------------------------------------------------- the demo
+
+def run_demo(out_dir: str | pathlib.Path = ".demo", seed: int = 0) -> dict[str, dict[str, float]]:
+    from jobs.offline import run_offline
+    from jobs.run import start_ray
+    from vlrlhf.config import check_inputs, load_spec
+
+    out = pathlib.Path(out_dir).resolve()
+    started = time.perf_counter()
+    start_ray()
+    sft_spec = load_spec(ROOT / "configs" / "demo_sft.yaml",
+                         [f"checkpoint.dir={out / 'sft' / 'checkpoints'}", f"trainer.seed={seed}"])
+    check_inputs(sft_spec)
+    base = sft_spec.model.path
+    sft = run_offline(sft_spec, out / "sft")
+    dpo_spec = load_spec(ROOT / "configs" / "demo_dpo.yaml",
+                         [f"model.path={sft['checkpoint']}", f"checkpoint.dir={out / 'dpo' / 'checkpoints'}",
+                          f"trainer.seed={seed}"])
+    dpo = run_offline(dpo_spec, out / "dpo")
+    results = {name: held_out_metrics(path) for name, path in
+               (("base (random)", base), ("after SFT", sft["checkpoint"]), ("after DPO", dpo["checkpoint"]))}
+    print()
+    print(f"held-out shapes test set ({len(read_records(str(DATA / 'test_preference.json'), 'plain_dpo'))} pairs, "
+          f"{len(read_records(str(DATA / 'test_sft.json'), 'llava'))} questions)")
+    print(f"{'model':<16}{'preference accuracy':>22}{'exact match':>14}")
+    for name, metrics in results.items():
+        print(f"{name:<16}{metrics['preference_accuracy']:>22.2f}{metrics['exact_match']:>14.2f}")
+    print(f"DPO reward accuracy on the test pairs (vs its SFT reference): {dpo['eval'].get('eval/reward_accuracy', 0):.2f}")
+    print(f"demo finished in {time.perf_counter() - started:.0f} s; checkpoints under {out}")
+    return results
+
+
+# ---------------------------------------------------------------- the model-layer check
 
 def check_family(family: str, path: pathlib.Path) -> dict:
+    from PIL import Image, ImageDraw
+
     started = time.perf_counter()
     adapter = load_adapter(path)
     model = adapter.load_model().eval()
-    images = [draw_shape("red")]
+    image = Image.new("RGB", (56, 56), "white")
+    ImageDraw.Draw(image).polygon([(28, 6), (6, 50), (50, 50)], fill="red")
     conversation = [{"role": "user", "content": "<image>\nWhat colour is the triangle?"},
                     {"role": "assistant", "content": "red"}]
-    batch = adapter.collate([adapter.encode(conversation, images)])
+    batch = adapter.collate([adapter.encode(conversation, [image])])
     with torch.no_grad():
         logps = sequence_logprobs(adapter.token_logprobs(model, batch), batch.loss_mask)
-    prompt = adapter.collate([adapter.encode_prompt(conversation[:1], images)], padding_side="left")
+    prompt = adapter.collate([adapter.encode_prompt(conversation[:1], [image])], padding_side="left")
     generated = adapter.generate(model, prompt, max_new_tokens=6)[0]
     return {"family": family, "model_type": adapter.config.model_type,
             "params": sum(p.numel() for p in model.parameters()),
@@ -43,10 +128,7 @@ def check_family(family: str, path: pathlib.Path) -> dict:
 
 
 def run_model_demo(out_dir: str | pathlib.Path = ".demo/tiny") -> list[dict]:
-    rows = []
-    for family in FAMILIES:
-        path = build_tiny_model(family, pathlib.Path(out_dir) / family)
-        rows.append(check_family(family, path))
+    rows = [check_family(family, build_tiny_model(family, pathlib.Path(out_dir) / family)) for family in FAMILIES]
     header = (f"{'family':<14}{'model_type':<14}{'params':>9}{'tokens':>8}{'labels':>8}"
               f"{'log p(answer)':>15}{'gen':>5}{'s':>6}")
     print(header)

@@ -60,6 +60,11 @@ def count_placeholders(messages: list[dict]) -> int:
     return sum(message["content"].count(IMAGE_PLACEHOLDER) for message in messages)
 
 
+def unwrap(model):
+    """The transformers model inside a peft wrapper (LoRA layers are injected in place)."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
 class Adapter:
     """Base adapter for families whose processor has a chat template.
 
@@ -227,11 +232,11 @@ class Adapter:
     # ------------------------------------------------------------------ log-probs
     def hidden_states(self, model, batch: ModelBatch) -> torch.Tensor:
         """(B, T, H) last hidden states of the language model."""
-        return model.model(**self.model_inputs(batch), use_cache=False).last_hidden_state
+        return unwrap(model).model(**self.model_inputs(batch), use_cache=False).last_hidden_state
 
     def output_head(self, model):
         """Callable hidden (.., H) -> logits (.., V) including any final soft-capping."""
-        return model.get_output_embeddings()
+        return unwrap(model).get_output_embeddings()
 
     def token_logprobs(self, model, batch: ModelBatch, chunk_size: int = 1024) -> torch.Tensor:
         """(B, T) fp32: entry t is log p(input_ids[t] | input_ids[<t]) where labels[t] != -100, else 0."""
@@ -240,7 +245,7 @@ class Adapter:
 
     # ------------------------------------------------------------------ model surgery
     def language_model(self, model):
-        return model.get_decoder()
+        return unwrap(model).get_decoder()
 
     def vision_modules(self, model) -> list[torch.nn.Module]:
         """The vision encoder (frozen by `freeze_vision`); projectors stay trainable."""
