@@ -98,7 +98,8 @@ def run_demo(out_dir: str | pathlib.Path = ".demo", seed: int = 0) -> dict[str, 
     print(f"{'model':<16}{'preference accuracy':>22}{'exact match':>14}")
     for name, metrics in results.items():
         print(f"{name:<16}{metrics['preference_accuracy']:>22.2f}{metrics['exact_match']:>14.2f}")
-    print(f"DPO reward accuracy on the test pairs (vs its SFT reference): {dpo['eval'].get('eval/reward_accuracy', 0):.2f}")
+    reward_accuracy = dpo["eval"].get("eval/reward_accuracy", 0.0)
+    print(f"DPO reward accuracy on the test pairs (implicit reward vs its SFT reference): {reward_accuracy:.2f}")
     print(f"demo finished in {time.perf_counter() - started:.0f} s; checkpoints under {out}")
     return results
 
