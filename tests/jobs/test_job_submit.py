@@ -33,7 +33,13 @@ def head():
     env = dict(os.environ, RAY_AUTH_MODE="disabled", RAY_USAGE_STATS_ENABLED="0",
                RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0", PATH=f"{BIN}:{os.environ['PATH']}")
     env.pop("RAY_ADDRESS", None)
-    started = subprocess.run([str(BIN / "ray"), "start", "--head", f"--port={free_port()}", "--num-cpus=2",
+    # Every port is free-picked: the session's own test cluster already holds Ray's defaults
+    # (a clash on the dashboard agent's port leaves the head without a job agent).
+    ports = [f"--port={free_port()}", f"--dashboard-agent-listen-port={free_port()}",
+             f"--dashboard-agent-grpc-port={free_port()}", f"--metrics-export-port={free_port()}",
+             f"--runtime-env-agent-port={free_port()}", f"--node-manager-port={free_port()}",
+             f"--object-manager-port={free_port()}", f"--ray-client-server-port={free_port()}"]
+    started = subprocess.run([str(BIN / "ray"), "start", "--head", *ports, "--num-cpus=2",
                               "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}",
                               f"--temp-dir={temp_dir}", "--include-dashboard=true", "--disable-usage-stats"],
                              env=env, capture_output=True, text=True, timeout=180)
@@ -57,7 +63,7 @@ def test_job_submit_runs_the_spec_and_logs_progress(head, tmp_path):
                "--submission-id", "vlrlhf-smoke", "--",
                "vlrlhf", "run", "configs/demo_sft.yaml", "trainer.max_steps=2", "trainer.eval_every=0",
                f"checkpoint.dir={tmp_path / 'ck'}", "--run-dir", str(tmp_path / "run")]
-    for _ in range(30):  # the head's job agent takes a few seconds to come up after `ray start`
+    for _ in range(20):  # the head's job agent takes a few seconds to come up after `ray start`
         submitted = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
         if "No available agent" not in submitted.stderr:
             break
