@@ -159,7 +159,8 @@ def plot_curves(metrics_path: pathlib.Path, out: pathlib.Path) -> pathlib.Path |
     import matplotlib.pyplot as plt
 
     rows = [json.loads(line) for line in metrics_path.read_text().splitlines()] if metrics_path.exists() else []
-    keys = sorted({k for row in rows for k in row if "/" in k and isinstance(row[k], (int, float))})
+    keys = sorted({k for row in rows for k in row if "/" in k and not k.endswith("/examples")
+                   and isinstance(row[k], (int, float))})
     if not keys:
         return None
     columns = min(3, len(keys))

@@ -47,10 +47,18 @@ def head():
     try:
         yield f"http://127.0.0.1:{dashboard}", env
     finally:
+        # The head's processes name its temp dir on their command line; their children
+        # (dashboard and runtime-env agents) rename themselves, so take them by parentage.
+        own = []
         for process in psutil.process_iter(["pid", "cmdline"]):
             try:
                 if any(temp_dir in part for part in process.info["cmdline"] or []):
-                    process.kill()
+                    own += [process, *process.children(recursive=True)]
+            except (psutil.NoSuchProcess, psutil.AccessDenied):
+                pass
+        for process in own:
+            try:
+                process.kill()
             except (psutil.NoSuchProcess, psutil.AccessDenied):
                 pass
         time.sleep(1)
