@@ -35,7 +35,8 @@ def head():
     env.pop("RAY_ADDRESS", None)
     # Every port is free-picked: the session's own test cluster already holds Ray's defaults
     # (a clash on the dashboard agent's port leaves the head without a job agent).
-    ports = [f"--port={free_port()}", f"--dashboard-agent-listen-port={free_port()}",
+    gcs_port = free_port()
+    ports = [f"--port={gcs_port}", f"--dashboard-agent-listen-port={free_port()}",
              f"--dashboard-agent-grpc-port={free_port()}", f"--metrics-export-port={free_port()}",
              f"--runtime-env-agent-port={free_port()}", f"--node-manager-port={free_port()}",
              f"--object-manager-port={free_port()}", f"--ray-client-server-port={free_port()}"]
@@ -47,12 +48,13 @@ def head():
     try:
         yield f"http://127.0.0.1:{dashboard}", env
     finally:
-        # The head's processes name its temp dir on their command line; their children
+        # The head's processes name its temp dir (or address) on their command line; their children
         # (dashboard and runtime-env agents) rename themselves, so take them by parentage.
         own = []
         for process in psutil.process_iter(["pid", "cmdline"]):
             try:
-                if any(temp_dir in part for part in process.info["cmdline"] or []):
+                # the client server names only the head's address
+                if any(temp_dir in part or f"127.0.0.1:{gcs_port}" in part for part in process.info["cmdline"] or []):
                     own += [process, *process.children(recursive=True)]
             except (psutil.NoSuchProcess, psutil.AccessDenied):
                 pass
