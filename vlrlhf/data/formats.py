@@ -25,18 +25,15 @@ from pydantic import ValidationError
 
 from vlrlhf.data.records import (Conversation, KTOExample, Message, PreferencePair, PromptRecord,
                                  record_from_dict, with_placeholders)
+from vlrlhf.errors import ReasonError
 from vlrlhf.models.base import IMAGE_PLACEHOLDER
 
 ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system",
          "bot": "assistant", "model": "assistant"}
 
 
-class RecordError(ValueError):
-    """A bad input row. `reason` is a short key for skip counts."""
-
-    def __init__(self, reason: str, message: str):
-        super().__init__(f"{reason}: {message}")
-        self.reason = reason
+class RecordError(ReasonError):
+    """A bad input row (missing field, wrong type, invalid JSON, ...)."""
 
 
 @dataclasses.dataclass

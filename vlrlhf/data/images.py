@@ -27,15 +27,15 @@ import re
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from vlrlhf.errors import ReasonError
+
 DEFAULT_MAX_PIXELS = 40_000_000  # ~ 6300 x 6300; real VLM inputs are far smaller
 _BASE64 = re.compile(r"^[A-Za-z0-9+/\s]+={0,2}$")
 _SIGNATURES = (b"\x89PNG", b"\xff\xd8\xff", b"GIF8", b"RIFF", b"BM", b"II*\x00", b"MM\x00*")
 
 
-class ImageError(ValueError):
-    def __init__(self, reason: str, message: str):
-        super().__init__(f"{reason}: {message}")
-        self.reason = reason
+class ImageError(ReasonError):
+    """An image that cannot be used (see the reasons above)."""
 
 
 def describe(source) -> str:

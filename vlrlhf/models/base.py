@@ -21,6 +21,7 @@ from typing import Any, ClassVar
 
 import torch
 
+from vlrlhf.errors import ReasonError
 from vlrlhf.models.batch import EncodedExample, ModelBatch, collate_examples
 from vlrlhf.models.logprobs import chunked_token_logprobs
 
@@ -28,12 +29,8 @@ IMAGE_PLACEHOLDER = "<image>"
 IGNORE_INDEX = -100
 
 
-class EncodeError(ValueError):
-    """A record that cannot be encoded. `reason` is a short key used for skip counts."""
-
-    def __init__(self, reason: str, message: str):
-        super().__init__(f"{reason}: {message}")
-        self.reason = reason
+class EncodeError(ReasonError):
+    """A record that cannot be encoded (too long, image count mismatch, ...)."""
 
 
 @dataclasses.dataclass
