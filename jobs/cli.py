@@ -41,7 +41,10 @@ def cmd_data_synth(args) -> int:
 def cmd_data_check(args) -> int:
     from jobs.data_check import check_data, print_report
 
-    report = check_data(args.paths, args.format, model_path=args.model, task=args.task, image_root=args.image_root,
+    import pathlib
+
+    image_root = args.image_root or str(pathlib.Path(args.paths[0]).parent)  # default: the first file's folder
+    report = check_data(args.paths, args.format, model_path=args.model, task=args.task, image_root=image_root,
                         max_length=args.max_length, quarantine=args.quarantine)
     print_report(report)
     return 0
@@ -157,8 +160,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    if getattr(args, "image_root", "unset") is None and getattr(args, "paths", None):
-        args.image_root = str(__import__("pathlib").Path(args.paths[0]).parent)
     try:
         return args.func(args)
     except ValueError as error:  # bad input: one clear message, exit code 2

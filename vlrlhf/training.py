@@ -68,15 +68,14 @@ def sft_micro_step(adapter, model, batch: ModelBatch, algorithm: AlgorithmSpec,
                    normaliser: float) -> tuple[torch.Tensor, dict[str, float]]:
     token_logps = adapter.token_logprobs(model, batch)
     mask = batch.loss_mask
-    if algorithm.sft_aggregation == "token-mean":  # normaliser: label tokens in the global batch
+    token_mean = algorithm.sft_aggregation == "token-mean"
+    if token_mean:  # normaliser: label tokens in the global batch
         total = -(token_logps * mask).sum()
-    else:  # per-sequence terms; normaliser: sequences in the global batch
-        per_sequence = sft_loss(token_logps, mask, "seq-mean-token-sum" if algorithm.sft_aggregation ==
-                                "seq-mean-token-sum" else "seq-mean-token-mean") * len(batch)
-        total = per_sequence
+    else:  # a sum of per-sequence terms; normaliser: sequences in the global batch
+        total = sft_loss(token_logps, mask, algorithm.sft_aggregation) * len(batch)
     loss = total / normaliser
-    metrics = {"loss_sum": float(total.detach()), "count": float(mask.sum()) if algorithm.sft_aggregation ==
-               "token-mean" else len(batch), "examples": len(batch)}
+    metrics = {"loss_sum": float(total.detach()), "count": float(mask.sum()) if token_mean else len(batch),
+               "examples": len(batch)}
     return loss, metrics
 
 
