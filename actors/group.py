@@ -100,6 +100,12 @@ class ActorGroup:
         return [getattr(actor, method).remote(*(values[i] for values in per_worker_args))
                 for i, actor in enumerate(self.actors)]
 
+    def call(self, index: int, method: str, *args: Any):
+        """One call on worker `index` (an ObjectRef, or the value in-process)."""
+        if self.local is not None:
+            return getattr(self.local, method)(*args)
+        return getattr(self.actors[index], method).remote(*args)
+
     def broadcast(self, method: str, *args: Any) -> list:
         """The same call on every worker."""
         if self.local is not None:

@@ -1,5 +1,6 @@
 """The policy role: the trained model, its optimizer and scheduler.
 
+Strategies: ddp (below) or DeepSpeed ZeRO-2/3 (actors.deepspeed_engine).
 Verbs: `train_step(micro_batches, reference, normaliser)`, `evaluate(...)`,
 `logprobs(...)` (reference = this policy with LoRA disabled), `save(dir)`,
 `load_state(dir)`. Data parallelism: every worker holds a full replica; after the
@@ -21,7 +22,8 @@ from actors.group import WorkerBase, resolve
 from vlrlhf.config import AlgorithmSpec, ModelSpec, TrainerSpec
 from vlrlhf.models.base import LoadOptions
 from vlrlhf.models.registry import load_adapter
-from vlrlhf.training import dpo_micro_step, kto_micro_step, sft_micro_step
+from vlrlhf.data.pipeline import KTOBatch
+from vlrlhf.training import dpo_micro_step, kto_micro_step, move_pairs, sft_micro_step
 
 
 def device() -> torch.device:
@@ -69,12 +71,22 @@ class PolicyWorker(WorkerBase):
         self.optimizer = torch.optim.AdamW(self.parameters, lr=trainer.lr, weight_decay=trainer.weight_decay)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, schedule(trainer, total_steps))
         self.step = 0
+        self.deepspeed = None  # DeepSpeedStrategy, built in setup_distributed (it needs the world size)
 
     def setup_distributed(self, master, port, rank, world_size):
-        super().setup_distributed(master, port, rank, world_size)
-        if world_size > 1:  # identical replicas, whatever each process initialised
-            import torch.distributed as dist
+        import torch.distributed as dist
 
+        super().setup_distributed(master, port, rank, world_size)
+        if self.trainer.strategy == "deepspeed":
+            from actors.deepspeed_engine import DeepSpeedStrategy
+
+            if not dist.is_initialized():  # one worker: DeepSpeed still wants a process group
+                from actors.group import free_port
+
+                dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
+            self.deepspeed = DeepSpeedStrategy(self.model, self.optimizer, self.scheduler, self.trainer,
+                                               world_size, self.model_spec.dtype)
+        elif world_size > 1:  # identical replicas, whatever each process initialised
             for parameter in self.model.parameters():
                 dist.broadcast(parameter.data, src=0)
 
@@ -84,18 +96,24 @@ class PolicyWorker(WorkerBase):
         if name == "sft":
             return sft_micro_step(self.adapter, self.model, micro.to(self.device), self.algorithm, normaliser)
         if name == "dpo":
-            chosen, rejected = micro
-            return dpo_micro_step(self.adapter, self.model, chosen.to(self.device), rejected.to(self.device),
-                                  reference, self.algorithm, normaliser)
-        completions, mismatched, desirable = micro
-        return kto_micro_step(self.adapter, self.model, completions.to(self.device), mismatched.to(self.device),
-                              desirable, reference, self.algorithm, normaliser)
+            return dpo_micro_step(self.adapter, self.model, move_pairs(micro, self.device), reference,
+                                  self.algorithm, normaliser)
+        batch = KTOBatch(micro.completions.to(self.device), micro.mismatched.to(self.device), micro.desirable)
+        return kto_micro_step(self.adapter, self.model, batch, reference, self.algorithm, normaliser)
 
     def train_step(self, micro_batches: list, reference, normaliser: float) -> dict:
         """One optimizer step over this worker's micro-batches; returns metric sums."""
         reference = resolve(reference)
         references = reference if reference is not None else [None] * len(micro_batches)
         sums = []
+        if self.deepspeed is not None:
+            self.deepspeed.check_boundary(len(micro_batches))
+            for micro, ref in zip(micro_batches, references, strict=True):
+                loss, metrics = self._micro_loss(micro, ref, normaliser)
+                self.deepspeed.backward(loss)
+                sums.append(metrics)
+            self.step += 1
+            return {"sums": sums, "grad_norm": self.deepspeed.grad_norm(), "lr": self.scheduler.get_last_lr()[0]}
         for micro, ref in zip(micro_batches, references, strict=True):
             loss, metrics = self._micro_loss(micro, ref, normaliser)
             loss.backward()
@@ -155,20 +173,29 @@ class PolicyWorker(WorkerBase):
 
     # ------------------------------------------------------------------ state
     def save(self, folder: str, trainer_state: dict) -> None:
-        """Rank 0 writes an HF folder (adapter folder for LoRA) plus the training state."""
+        """Rank 0 writes an HF folder (adapter folder for LoRA) plus the training state;
+        with DeepSpeed every rank also writes its partition of the engine state."""
+        out = pathlib.Path(folder)
+        state = {"step": self.step, "rng": _rng_state(), **trainer_state}
+        full_weights = None
+        if self.deepspeed is not None:  # collectives: every rank takes part
+            full_weights = self.deepspeed.full_state_dict()
+            self.deepspeed.save(folder)
+        else:
+            state |= {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict()}
         if self.rank != 0:
             return
-        out = pathlib.Path(folder)
-        self.model.save_pretrained(out)
+        self.model.save_pretrained(out, state_dict=full_weights)
         self.adapter.processor.save_pretrained(out)
-        torch.save({"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
-                    "step": self.step, "rng": _rng_state(), **trainer_state}, out / "trainer_state.pt")
+        torch.save(state, out / "trainer_state.pt")
 
     def load_state(self, folder: str) -> dict:
         """Weights, optimizer, scheduler and RNG from a checkpoint; returns its trainer state."""
         out = pathlib.Path(folder)
         state = torch.load(out / "trainer_state.pt", weights_only=False)
-        if self.model_spec.lora is not None:
+        if self.deepspeed is not None:  # weights, optimizer and schedule from the engine's own files
+            self.deepspeed.load(folder)
+        elif self.model_spec.lora is not None:
             from peft import set_peft_model_state_dict
             from safetensors.torch import load_file
 
@@ -176,8 +203,9 @@ class PolicyWorker(WorkerBase):
         else:
             loaded = type(self.model).from_pretrained(out, dtype=next(self.model.parameters()).dtype)
             self.model.load_state_dict(loaded.state_dict())
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])
+        if self.deepspeed is None:
+            self.optimizer.load_state_dict(state["optimizer"])
+            self.scheduler.load_state_dict(state["scheduler"])
         self.step = state["step"]
         _set_rng_state(state["rng"])
         return {k: v for k, v in state.items() if k not in ("optimizer", "scheduler", "rng")}

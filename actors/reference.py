@@ -12,21 +12,19 @@ from actors.group import WorkerBase
 from actors.policy import device, load_options
 from vlrlhf.config import ModelSpec
 from vlrlhf.models.registry import load_adapter
-from vlrlhf.training import pair_logps, sequence_logps
+from vlrlhf.data.pipeline import PairBatch
+from vlrlhf.training import move_pairs, pair_logps, sequence_logps
 
 
 @torch.no_grad()
 def reference_logps(adapter, model, micro_batches: list, on: torch.device) -> list:
     out = []
     for micro in micro_batches:
-        if isinstance(micro, tuple) and len(micro) == 2:  # DPO pair
-            logps = pair_logps(adapter, model, micro[0].to(on), micro[1].to(on))
-            out.append(type(logps)(*(value.cpu() for value in (logps.chosen, logps.rejected,
-                                                                 logps.chosen_lengths, logps.rejected_lengths))))
-        else:  # KTO: (completions, mismatched, desirable)
-            completions, mismatched, _ = micro
-            out.append((sequence_logps(adapter, model, completions.to(on))[0].cpu(),
-                        sequence_logps(adapter, model, mismatched.to(on))[0].cpu()))
+        if isinstance(micro, PairBatch):
+            out.append(pair_logps(adapter, model, move_pairs(micro, on)).cpu())
+        else:  # KTOBatch
+            out.append((sequence_logps(adapter, model, micro.completions.to(on))[0].cpu(),
+                        sequence_logps(adapter, model, micro.mismatched.to(on))[0].cpu()))
     return out
 
 

@@ -35,16 +35,22 @@ def prepare_data(spec: JobSpec, run_dir: pathlib.Path) -> JobData:
         train, held_out = split_records(records, data.eval_fraction, spec.trainer.seed)
     settings = EncodeSettings(model_path=spec.model.path, task=TASK_OF[spec.algorithm.name],
                               adapter=spec.model.adapter, max_length=data.max_length, image_root=data.image_root,
-                              max_pixels=data.max_pixels)
+                              max_pixels=data.max_pixels, ddpo_gamma=spec.algorithm.ddpo_gamma,
+                              corrupt_keep=spec.algorithm.mdpo.keep if spec.algorithm.mdpo else None)
     return JobData(train, held_out, settings, bad)
+
+
+def split_shares(items: list, world_size: int, micro_batch_size: int) -> list[list[list]]:
+    """A global batch -> per worker, its micro-batches of items (contiguous slices)."""
+    per_worker = len(items) // world_size
+    shares = [items[w * per_worker:(w + 1) * per_worker] for w in range(world_size)]
+    return [[share[i:i + micro_batch_size] for i in range(0, len(share), micro_batch_size)] for share in shares]
 
 
 def shard(items: list, world_size: int, micro_batch_size: int, adapter) -> list[list]:
     """A global batch -> per worker, a list of collated micro-batches (contiguous slices)."""
-    per_worker = len(items) // world_size
-    shares = [items[w * per_worker:(w + 1) * per_worker] for w in range(world_size)]
-    return [[collate_items(adapter, share[i:i + micro_batch_size]) for i in range(0, len(share), micro_batch_size)]
-            for share in shares]
+    return [[collate_items(adapter, micro) for micro in share]
+            for share in split_shares(items, world_size, micro_batch_size)]
 
 
 def normaliser_for(spec: JobSpec, items: list) -> float:

@@ -6,7 +6,8 @@
       -> log / eval / checkpoint
 
 SFT has no reference; DPO and KTO take it from a separate reference group, from the
-policy with its LoRA adapters disabled, or not at all (reference-free loss types).
+policy with its LoRA adapters disabled, or not at all (reference-free loss types);
+DPO can also precompute it in a first pass (jobs.precompute) and release the group.
 """
 
 from __future__ import annotations
@@ -21,7 +22,9 @@ from tqdm import tqdm
 from actors.group import ActorGroup
 from actors.policy import PolicyWorker
 from actors.reference import ReferenceWorker
-from jobs.common import Checkpoints, Tracker, normaliser_for, plot_curves, prepare_data, resume_from, shard
+from jobs.common import (Checkpoints, Tracker, normaliser_for, plot_curves, prepare_data, resume_from, shard,
+                         split_shares)
+from jobs.precompute import lookup, precompute_reference
 from vlrlhf.config import JobSpec
 from vlrlhf.data.pipeline import encoded_dataset, iter_encoded, ordered
 from vlrlhf.models.registry import load_adapter
@@ -50,6 +53,12 @@ class OfflineJob:
         self.policy = ActorGroup(PolicyWorker, spec.resources.policy, name="policy",
                                  args=(spec.model, spec.algorithm, spec.trainer, self.total_steps))
         self.reference = self._reference_group()
+        self.precomputed = None
+        if spec.reference.mode == "precomputed":  # one forward pass now, then the reference is released
+            self.precomputed = precompute_reference(self.reference, self.data, self.adapter, trainer.batch_size,
+                                                    trainer.micro_batch_size)
+            self.reference.shutdown()
+            self.reference = None
         self.checkpoints = Checkpoints(spec.checkpoint.dir, spec.checkpoint.keep_last)
         self.tracker = Tracker(spec, run_dir)
         self.step, self.epoch, self.position = 0, 0, 0
@@ -64,8 +73,10 @@ class OfflineJob:
         return ActorGroup(ReferenceWorker, self.spec.resources.reference, name="reference",
                           args=(self.spec.model, self.spec.reference.path))
 
-    def reference_logps(self, shards: list) -> list:
+    def reference_logps(self, items: list, shards: list) -> list:
         """ObjectRefs (or values, in-process) of the reference log-probs, one per policy worker."""
+        if self.precomputed is not None:
+            return lookup(self.precomputed, split_shares(items, len(shards), self.spec.trainer.micro_batch_size))
         if self.reference is None:
             return [None] * len(shards)
         if self.reference.local is not None and len(shards) > 1:  # one in-process reference serves every share
@@ -90,7 +101,7 @@ class OfflineJob:
             for items in chunks(iter_encoded(dataset, self.data.bad), spec.trainer.batch_size):
                 # ---- reference for this batch, submitted before the policy trains the previous one
                 shards = shard(items, world, spec.trainer.micro_batch_size, self.adapter)
-                current = (items, shards, self.reference_logps(shards))
+                current = (items, shards, self.reference_logps(items, shards))
                 if pending is not None:
                     last = self.train_step(*pending, progress)
                     if self.step >= self.total_steps:
@@ -153,7 +164,7 @@ class OfflineJob:
                 continue
             items = items[: len(items) // world * world]
             shards = shard(items, world, self.spec.trainer.micro_batch_size, self.adapter)
-            results = self.policy.get(self.policy.map("evaluate", shards, self.reference_logps(shards)))
+            results = self.policy.get(self.policy.map("evaluate", shards, self.reference_logps(items, shards)))
             sums.extend(s for r in results for s in r["sums"])
         metrics = finish_metrics(sums)
         values = {f"eval/{k}": v for k, v in metrics.items()}

@@ -55,6 +55,22 @@ class DataSpec(Section):
         return [value] if isinstance(value, str) else value
 
 
+class MDPOSpec(Section):
+    """mDPO (Wang+ 2024): an image-conditional preference and a reward anchor."""
+
+    image_weight: float = Field(1.0, ge=0)
+    anchor: float = 0.0
+    anchor_weight: float = Field(1.0, ge=0)
+    keep: tuple[float, float] = (0.01, 0.2)  # area fraction the corrupting crop keeps
+
+    @field_validator("keep")
+    @classmethod
+    def _fractions(cls, value):
+        if not 0 < value[0] <= value[1] <= 1:
+            raise ValueError(f"keep={list(value)} must be [low, high] with 0 < low <= high <= 1")
+        return value
+
+
 class AlgorithmSpec(Section):
     name: Literal["sft", "dpo", "kto"]
     loss_type: str | list[str] | dict[str, float] = "sigmoid"
@@ -64,11 +80,15 @@ class AlgorithmSpec(Section):
     desirable_weight: float = 1.0  # KTO
     undesirable_weight: float = 1.0  # KTO
     sft_aggregation: Literal["token-mean", "seq-mean-token-mean", "seq-mean-token-sum"] = "token-mean"
+    ddpo_gamma: float | None = Field(None, gt=0)  # DDPO: corrected tokens weigh gamma (RLHF-V: 5)
+    mdpo: MDPOSpec | None = None
 
     @model_validator(mode="after")
     def _known_loss_types(self):
         from vlrlhf.losses.preference import normalise_loss_types
 
+        if self.name != "dpo" and (self.ddpo_gamma is not None or self.mdpo is not None):
+            raise ValueError("algorithm.ddpo_gamma and algorithm.mdpo are options of algorithm.name=dpo")
         if self.name == "dpo":
             try:
                 normalise_loss_types(self.loss_type)
@@ -91,8 +111,9 @@ class ResourcesSpec(Section):
 
 class ReferenceSpec(Section):
     # separate: a reference group loads model.path (or `path`); policy: the policy with
-    # its LoRA adapters disabled; none: reference-free losses (SimPO, CPO, ORPO, SFT).
-    mode: Literal["separate", "policy", "none"] = "separate"
+    # its LoRA adapters disabled; precomputed: a reference group scores every pair once
+    # before training and is released (DPO); none: reference-free losses (SimPO, CPO, ORPO, SFT).
+    mode: Literal["separate", "policy", "precomputed", "none"] = "separate"
     path: str | None = None
 
 
@@ -149,6 +170,9 @@ class JobSpec(Section):
         if self.resources.reference.num_workers not in (0, self.resources.policy.num_workers):
             raise ValueError("resources.reference.num_workers must be 0 (in the driver) or equal to "
                              f"resources.policy.num_workers={self.resources.policy.num_workers}")
+        if self.reference.mode == "precomputed" and self.algorithm.name != "dpo":
+            raise ValueError("reference.mode=precomputed is for algorithm.name=dpo (KTO's KL pairs change with "
+                             "the data order; SFT has no reference)")
         if self.reference.mode == "policy" and self.model.lora is None and self.algorithm.name != "sft":
             raise ValueError("reference.mode=policy needs model.lora (the reference is the policy with its "
                              "adapters disabled); use reference.mode=separate for full fine-tuning")

@@ -14,7 +14,9 @@ import dataclasses
 import torch
 
 from vlrlhf.config import AlgorithmSpec
-from vlrlhf.losses.preference import dpo_loss, kto_loss
+from vlrlhf.data.pipeline import KTOBatch, PairBatch
+from vlrlhf.losses.ddpo import weighted_sequence_logps
+from vlrlhf.losses.preference import dpo_loss, kto_loss, mdpo_loss
 from vlrlhf.losses.sft import sft_loss
 from vlrlhf.models.batch import ModelBatch
 from vlrlhf.models.logprobs import sequence_logprobs
@@ -28,32 +30,55 @@ class PairLogps:
     rejected: torch.Tensor
     chosen_lengths: torch.Tensor
     rejected_lengths: torch.Tensor
+    corrupted: torch.Tensor | None = None  # mDPO: the chosen answer given corrupted images
+
+    def cpu(self) -> PairLogps:
+        return PairLogps(*(None if value is None else value.detach().cpu()
+                           for value in dataclasses.astuple(self)))
 
 
 def sequence_logps(adapter, model, batch: ModelBatch) -> tuple[torch.Tensor, torch.Tensor]:
-    """(B,) summed log-probs of the labels and (B,) label counts."""
+    """(B,) summed log-probs of the labels and (B,) label counts. With DDPO token weights
+    the score is RLHF-V's weighted mean sum(w lp) / sum(w) instead of the sum."""
     token_logps = adapter.token_logprobs(model, batch)
     mask = batch.loss_mask
+    if batch.label_weights is not None:
+        return weighted_sequence_logps(token_logps, mask, batch.label_weights), mask.sum(-1)
     return sequence_logprobs(token_logps, mask), mask.sum(-1)
 
 
-def pair_logps(adapter, model, chosen: ModelBatch, rejected: ModelBatch) -> PairLogps:
-    """Chosen and rejected rows, one forward each (the vision tower sees each image twice;
-    a shared-prompt forward would go behind the adapter)."""
-    c, chosen_lengths = sequence_logps(adapter, model, chosen)
-    r, rejected_lengths = sequence_logps(adapter, model, rejected)
-    return PairLogps(c, r, chosen_lengths, rejected_lengths)
+def pair_logps(adapter, model, pairs: PairBatch) -> PairLogps:
+    """Chosen and rejected rows (and mDPO's corrupted rows), one forward each (the vision
+    tower sees each image twice; a shared-prompt forward would go behind the adapter)."""
+    c, chosen_lengths = sequence_logps(adapter, model, pairs.chosen)
+    r, rejected_lengths = sequence_logps(adapter, model, pairs.rejected)
+    corrupted = sequence_logps(adapter, model, pairs.corrupted)[0] if pairs.corrupted is not None else None
+    return PairLogps(c, r, chosen_lengths, rejected_lengths, corrupted)
 
 
-def dpo_micro_step(adapter, model, chosen: ModelBatch, rejected: ModelBatch, reference: PairLogps | None,
+def move_pairs(pairs: PairBatch, device) -> PairBatch:
+    return PairBatch(pairs.chosen.to(device), pairs.rejected.to(device),
+                     None if pairs.corrupted is None else pairs.corrupted.to(device))
+
+
+def dpo_micro_step(adapter, model, pairs: PairBatch, reference: PairLogps | None,
                    algorithm: AlgorithmSpec, normaliser: float) -> tuple[torch.Tensor, dict[str, float]]:
-    policy = pair_logps(adapter, model, chosen, rejected)
-    ref_c = reference.chosen.to(policy.chosen.device) if reference is not None else None
-    ref_r = reference.rejected.to(policy.chosen.device) if reference is not None else None
-    out = dpo_loss(policy.chosen, policy.rejected, ref_c, ref_r, loss_type=algorithm.loss_type,
-                   beta=algorithm.beta, label_smoothing=algorithm.label_smoothing,
+    policy = pair_logps(adapter, model, pairs)
+    device = policy.chosen.device
+    ref_c = reference.chosen.to(device) if reference is not None else None
+    ref_r = reference.rejected.to(device) if reference is not None else None
+    options = dict(loss_type=algorithm.loss_type, beta=algorithm.beta, label_smoothing=algorithm.label_smoothing,
                    chosen_lengths=policy.chosen_lengths, rejected_lengths=policy.rejected_lengths,
                    gamma=algorithm.gamma)
+    if algorithm.mdpo is not None:
+        if reference is None or reference.corrupted is None or policy.corrupted is None:
+            raise ValueError("mDPO needs corrupted-image rows and a reference (algorithm.mdpo)")
+        out = mdpo_loss(policy.chosen, policy.rejected, ref_c, ref_r, policy.corrupted,
+                        reference.corrupted.to(device), anchor=algorithm.mdpo.anchor,
+                        image_weight=algorithm.mdpo.image_weight, anchor_weight=algorithm.mdpo.anchor_weight,
+                        **options)
+    else:
+        out = dpo_loss(policy.chosen, policy.rejected, ref_c, ref_r, **options)
     loss = out.losses.sum() / normaliser
     margin = out.chosen_rewards - out.rejected_rewards
     metrics = {"loss_sum": float(out.losses.detach().sum()), "count": len(margin),
@@ -61,6 +86,9 @@ def dpo_micro_step(adapter, model, chosen: ModelBatch, rejected: ModelBatch, ref
                "chosen_reward_sum": float(out.chosen_rewards.sum()),
                "rejected_reward_sum": float(out.rejected_rewards.sum()),
                "chosen_logp_sum": float(policy.chosen.detach().sum())}
+    if algorithm.mdpo is not None:
+        metrics["image_loss_sum"] = float(out.terms["image"].detach().sum())
+        metrics["anchor_loss_sum"] = float(out.terms["anchor"].detach().sum())
     return loss, metrics
 
 
@@ -79,12 +107,12 @@ def sft_micro_step(adapter, model, batch: ModelBatch, algorithm: AlgorithmSpec,
     return loss, metrics
 
 
-def kto_micro_step(adapter, model, completions: ModelBatch, mismatched: ModelBatch, desirable: torch.Tensor,
-                   reference: tuple[torch.Tensor, torch.Tensor], algorithm: AlgorithmSpec,
-                   normaliser: float) -> tuple[torch.Tensor, dict[str, float]]:
-    policy_logps, _ = sequence_logps(adapter, model, completions)
+def kto_micro_step(adapter, model, batch: KTOBatch, reference: tuple[torch.Tensor, torch.Tensor],
+                   algorithm: AlgorithmSpec, normaliser: float) -> tuple[torch.Tensor, dict[str, float]]:
+    policy_logps, _ = sequence_logps(adapter, model, batch.completions)
+    desirable = batch.desirable
     with torch.no_grad():  # the KL reference point carries no gradient
-        kl_logps, _ = sequence_logps(adapter, model, mismatched)
+        kl_logps, _ = sequence_logps(adapter, model, batch.mismatched)
     ref_logps, ref_kl = (value.to(policy_logps.device) for value in reference)
     out = kto_loss(policy_logps, ref_logps, desirable.to(policy_logps.device), kl_logps, ref_kl,
                    beta=algorithm.beta, desirable_weight=algorithm.desirable_weight,

@@ -123,11 +123,14 @@ def test_rlhfv_text_json_image_bytes_and_correction_spans(tmp_path):
     assert pair.chosen_spans == [(2, 11)] and pair.images == ["x.png"]  # preserved as given
 
 
-def test_correction_spans_cover_replaced_and_inserted_words():
+def test_correction_spans_cover_replaced_and_added_words():
     chosen, rejected = "There are two cats on a red mat", "There are three cats on a blue mat"
     assert [chosen[s:e] for s, e in correction_spans(chosen, rejected)] == ["two", "red"]
     chosen, rejected = "A cat and a bowl.", "A cat."  # "cat." != "cat": punctuation counts
     assert [chosen[s:e] for s, e in correction_spans(chosen, rejected)] == ["cat and a bowl."]
+    chosen, rejected = "A small red cat sits", "A cat sits"  # words only the correction has
+    assert [chosen[s:e] for s, e in correction_spans(chosen, rejected)] == ["small red"]
+    assert correction_spans("same words", "same words") == []
 
 
 def test_rlaifv_and_prompts(tmp_path):

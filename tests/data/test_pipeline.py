@@ -51,8 +51,8 @@ def test_pipeline_equals_single_process_encoder_in_seeded_order(ray_cluster, sha
     # collated batches of pairs
     batches = list(iter_batches(iter(items), adapter, batch_size=5))
     assert [len(chunk) for chunk, _ in batches] == [5, 5, 5, 5, 4]
-    chosen, rejected = batches[0][1]
-    assert chosen.input_ids.shape[0] == rejected.input_ids.shape[0] == 5
+    pairs = batches[0][1]
+    assert pairs.chosen.input_ids.shape[0] == pairs.rejected.input_ids.shape[0] == 5 and pairs.corrupted is None
 
 
 def test_eval_split_never_leaks_into_training(shapes):

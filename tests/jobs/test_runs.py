@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import pathlib
 import shutil
 
@@ -45,6 +46,19 @@ def test_two_step_smoke_run_of_every_demo_spec(ray_cluster, tmp_path, config):
 
         model = AutoModelForImageTextToText.from_pretrained(checkpoint)
     assert sum(p.numel() for p in model.parameters()) > 0
+
+
+@pytest.mark.parametrize("variant", [["algorithm.ddpo_gamma=5.0"], ["algorithm.mdpo={image_weight: 1.0}"],
+                                     ["reference.mode=precomputed"]], ids=["ddpo", "mdpo", "precomputed"])
+def test_dpo_variants_run_end_to_end(ray_cluster, tmp_path, variant):
+    run_dir = tmp_path / "run"
+    overrides = ["trainer.max_steps=2", "trainer.eval_every=0", "resources.policy.num_workers=0",
+                 f"checkpoint.dir={tmp_path / 'ck'}", "data.eval=[]", *variant]
+    assert run_job(str(ROOT / "configs" / "demo_dpo.yaml"), overrides, run_dir=str(run_dir)) == 0
+    losses = train_losses(run_dir)
+    assert sorted(losses) == [1, 2] and all(math.isfinite(v) for v in losses.values())
+    if "mdpo" in variant[0]:
+        assert all("train/image_loss" in row for row in read_metrics(run_dir) if "train/loss" in row)
 
 
 def test_resume_after_a_kill_continues_exactly(ray_cluster, tmp_path):

@@ -289,7 +289,7 @@ def correction_spans(chosen: str, rejected: str) -> list[tuple[int, int]]:
     matcher = difflib.SequenceMatcher(a=[chosen[s:e] for s, e in words], b=rejected.split(), autojunk=False)
     spans = []
     for tag, i1, i2, _, _ in matcher.get_opcodes():
-        if tag in ("replace", "insert") and i2 > i1:
+        if tag in ("replace", "delete"):  # chosen words replaced, or absent from the rejected answer
             spans.append((words[i1][0], words[i2 - 1][1]))
     return spans
 

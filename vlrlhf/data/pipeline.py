@@ -26,7 +26,7 @@ from vlrlhf.data.images import DEFAULT_MAX_PIXELS, ImageError, load_image
 from vlrlhf.data.reader import BadRecords
 from vlrlhf.data.records import Conversation, KTOExample, PreferencePair, PromptRecord
 from vlrlhf.models.base import EncodeError
-from vlrlhf.models.batch import EncodedExample
+from vlrlhf.models.batch import EncodedExample, ModelBatch
 
 TASKS = ("sft", "preference", "kto", "prompt")
 RECORD_FOR_TASK = {"sft": Conversation, "preference": PreferencePair, "kto": KTOExample, "prompt": PromptRecord}
@@ -42,6 +42,8 @@ class EncodeSettings:
     max_length: int | None = None
     image_root: str | None = None
     max_pixels: int = DEFAULT_MAX_PIXELS
+    ddpo_gamma: float | None = None  # DDPO: weight of corrected answer tokens (RLHF-V: 5)
+    corrupt_keep: tuple[float, float] | None = None  # mDPO: area kept by the corrupting crop
 
 
 @dataclasses.dataclass
@@ -50,6 +52,25 @@ class EncodedPair:
 
     chosen: EncodedExample
     rejected: EncodedExample
+    corrupted: EncodedExample | None = None  # mDPO: the chosen answer given corrupted images
+
+
+@dataclasses.dataclass
+class PairBatch:
+    """Collated pairs: chosen and rejected rows (and mDPO's corrupted-image rows)."""
+
+    chosen: ModelBatch
+    rejected: ModelBatch
+    corrupted: ModelBatch | None = None
+
+
+@dataclasses.dataclass
+class KTOBatch:
+    """Collated KTO examples, their mismatched twins and the (B,) desirable flags."""
+
+    completions: ModelBatch
+    mismatched: ModelBatch
+    desirable: object  # (B,) bool tensor
 
 
 @dataclasses.dataclass
@@ -86,15 +107,41 @@ def encode_record(adapter, record, settings: EncodeSettings, partner: str | None
     if settings.task == "sft":
         return adapter.encode(dump, images, **kwargs)
     if settings.task == "preference":
-        return EncodedPair(adapter.encode(dump + [{"role": "assistant", "content": record.chosen}], images, **kwargs),
-                           adapter.encode(dump + [{"role": "assistant", "content": record.rejected}], images,
-                                          **kwargs))
+        return encode_pair(adapter, record, dump, images, settings, kwargs)
     if settings.task == "kto":
         completion = adapter.encode(dump + [{"role": "assistant", "content": record.completion}], images, **kwargs)
         mismatched = adapter.encode(dump + [{"role": "assistant", "content": partner or record.completion}], images,
                                     **kwargs)
         return EncodedKTO(completion, mismatched, record.desirable)
     return adapter.encode_prompt(dump, images, **kwargs)
+
+
+def encode_pair(adapter, record, dump, images, settings: EncodeSettings, kwargs) -> EncodedPair:
+    chosen_turn = dump + [{"role": "assistant", "content": record.chosen}]
+    chosen = adapter.encode(chosen_turn, images, **kwargs)
+    rejected = adapter.encode(dump + [{"role": "assistant", "content": record.rejected}], images, **kwargs)
+    if settings.ddpo_gamma is not None:
+        from vlrlhf.data.formats import correction_spans
+        from vlrlhf.data.token_weights import span_weights
+
+        chosen_spans = record.chosen_spans
+        if chosen_spans is None:
+            chosen_spans = correction_spans(record.chosen, record.rejected)
+        gamma = settings.ddpo_gamma
+        chosen.label_weights = span_weights(adapter.tokenizer, chosen, record.chosen, chosen_spans, gamma)
+        rejected.label_weights = span_weights(adapter.tokenizer, rejected, record.rejected,
+                                              correction_spans(record.rejected, record.chosen), gamma)
+    corrupted = None
+    if settings.corrupt_keep is not None:
+        if not images:
+            raise EncodeError("no_image", f"{record.id}: mDPO needs an image to corrupt")
+        from vlrlhf.data.corrupt import corrupt_image
+
+        low, high = settings.corrupt_keep
+        noisy = [corrupt_image(image, f"{record.id}#{i}", low, high) for i, image in enumerate(images)]
+        corrupted = adapter.encode(chosen_turn, noisy, **kwargs)
+        corrupted.label_weights = chosen.label_weights
+    return EncodedPair(chosen, rejected, corrupted)
 
 
 _ADAPTERS: dict = {}
@@ -203,17 +250,20 @@ def iter_batches(items: Iterator[EncodedItem], adapter, batch_size: int,
 
 
 def collate_items(adapter, items: list[EncodedItem], padding_side: str = "right"):
-    """ModelBatch; (chosen, rejected) for pairs; (completions, mismatched, desirable) for KTO."""
+    """ModelBatch for conversations and prompts, PairBatch for pairs, KTOBatch for KTO."""
     first = items[0].encoded
     if isinstance(first, EncodedPair):
-        return (adapter.collate([i.encoded.chosen for i in items], padding_side),
-                adapter.collate([i.encoded.rejected for i in items], padding_side))
+        corrupted = None
+        if first.corrupted is not None:
+            corrupted = adapter.collate([i.encoded.corrupted for i in items], padding_side)
+        return PairBatch(adapter.collate([i.encoded.chosen for i in items], padding_side),
+                         adapter.collate([i.encoded.rejected for i in items], padding_side), corrupted)
     if isinstance(first, EncodedKTO):
         import torch
 
-        return (adapter.collate([i.encoded.completion for i in items], padding_side),
-                adapter.collate([i.encoded.mismatched for i in items], padding_side),
-                torch.tensor([i.encoded.desirable for i in items]))
+        return KTOBatch(adapter.collate([i.encoded.completion for i in items], padding_side),
+                        adapter.collate([i.encoded.mismatched for i in items], padding_side),
+                        torch.tensor([i.encoded.desirable for i in items]))
     return adapter.collate([i.encoded for i in items], padding_side)
 
 

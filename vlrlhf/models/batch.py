@@ -17,6 +17,7 @@ class EncodedExample:
     labels: list[int]  # (T,) = input_ids at assistant tokens, -100 elsewhere
     token_arrays: dict[str, list[int]]  # (T,) each: mm_token_type_ids, token_type_ids
     extras: dict[str, torch.Tensor]  # processor outputs for this example, leading dim 1 or n_images
+    label_weights: list[float] | None = None  # (T,) DDPO token weights; None: every label weighs 1
 
     def __len__(self) -> int:
         return len(self.input_ids)
@@ -34,6 +35,7 @@ class ModelBatch:
     attention_mask: torch.Tensor  # (B, T) long, 1 on real tokens
     labels: torch.Tensor  # (B, T) long, target ids on assistant tokens, -100 elsewhere
     extras: dict[str, torch.Tensor]  # family inputs: pixel_values (n_img, ...), image_grid_thw (n_img, 3), ...
+    label_weights: torch.Tensor | None = None  # (B, T) float, DDPO token weights (0 on padding)
 
     def __len__(self) -> int:
         return self.input_ids.shape[0]
@@ -50,7 +52,8 @@ class ModelBatch:
             return tensor.to(device)
 
         return ModelBatch(move(self.input_ids), move(self.attention_mask), move(self.labels),
-                          {name: move(value) for name, value in self.extras.items()})
+                          {name: move(value) for name, value in self.extras.items()},
+                          None if self.label_weights is None else self.label_weights.to(device))
 
 
 def _pad_dim(tensor: torch.Tensor, dim: int, size: int, value: float = 0) -> torch.Tensor:
@@ -114,4 +117,8 @@ def collate_examples(examples: list[EncodedExample], *, pad_id: int, rules: dict
         value = collate_extra([e.extras.get(name) for e in examples], rule)
         if value is not None:
             extras[name] = value
-    return ModelBatch(input_ids, attention, labels, extras)
+    weights = None
+    if any(e.label_weights is not None for e in examples):
+        weights = torch.tensor([pad(e.label_weights if e.label_weights is not None else [1.0] * len(e), 0.0)
+                                for e in examples], dtype=torch.float32)
+    return ModelBatch(input_ids, attention, labels, extras, weights)

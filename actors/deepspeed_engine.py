@@ -1,0 +1,76 @@
+"""The DeepSpeed ZeRO-2/3 strategy for the policy (and, later, the critic).
+
+`trainer.strategy: deepspeed` wraps the model, the client AdamW and the LR schedule in
+a DeepSpeed engine once the worker knows its data-parallel world (setup_distributed):
+ZeRO-2 partitions optimizer state and gradients, ZeRO-3 also the weights. The loop is
+the same as ddp's: micro-batch losses arrive divided by the GLOBAL normaliser (their
+gradients sum to the gradient of the global mean), so the loss is multiplied by the
+world size to undo ZeRO's averaging over ranks, and never divided by the accumulation
+steps. On CPU the engine runs over gloo (FACTS: DeepSpeed on CPU).
+"""
+
+from __future__ import annotations
+
+import math
+import pathlib
+
+import torch
+
+STATE_FOLDER = "deepspeed"
+TAG = "state"
+
+
+def engine_config(trainer, micro_batches_per_step: int, world_size: int, dtype: str = "float32") -> dict:
+    precision = {"bf16": {"enabled": True}} if dtype == "bfloat16" else \
+        {"fp16": {"enabled": True}} if dtype == "float16" else {}
+    return {"train_micro_batch_size_per_gpu": trainer.micro_batch_size,
+            "gradient_accumulation_steps": micro_batches_per_step,
+            "train_batch_size": trainer.micro_batch_size * micro_batches_per_step * world_size,
+            "gradient_clipping": trainer.max_grad_norm or 0.0,
+            "zero_optimization": {"stage": trainer.zero_stage, "overlap_comm": False,
+                                  "contiguous_gradients": True},
+            "zero_allow_untested_optimizer": True, "steps_per_print": 10**9, "wall_clock_breakdown": False,
+            **precision}
+
+
+class DeepSpeedStrategy:
+    """engine.backward / engine.step over a step's micro-batches; saves and loads the engine state."""
+
+    def __init__(self, model, optimizer, scheduler, trainer, world_size: int, dtype: str = "float32"):
+        import deepspeed
+
+        deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo",
+                                   dist_init_required=False)
+        per_worker = trainer.batch_size // world_size
+        self.micro_batches = math.ceil(per_worker / trainer.micro_batch_size)
+        self.world_size = world_size
+        self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
+            model=model, optimizer=optimizer, lr_scheduler=scheduler,
+            config=engine_config(trainer, self.micro_batches, world_size, dtype))
+
+    def backward(self, loss: torch.Tensor) -> None:
+        self.engine.backward(loss * self.world_size, scale_wrt_gas=False)
+        self.engine.step()  # steps the optimizer and schedule only at the accumulation boundary
+
+    def check_boundary(self, micro_batches: int) -> None:
+        if micro_batches != self.micro_batches:
+            raise ValueError(f"deepspeed: {micro_batches} micro-batches in a step, the engine was built for "
+                             f"{self.micro_batches} (trainer.batch_size / workers / micro_batch_size)")
+
+    def grad_norm(self) -> float:
+        norm = self.engine.get_global_grad_norm()
+        return float(norm) if norm is not None else 0.0
+
+    def full_state_dict(self) -> dict | None:
+        """The whole model's weights (ZeRO-3 gathers its partitions; every rank must call)."""
+        if self.engine.zero_optimization_stage() == 3:
+            return self.engine._zero3_consolidated_16bit_state_dict()
+        return None
+
+    def save(self, folder: str) -> None:
+        self.engine.save_checkpoint(str(pathlib.Path(folder) / STATE_FOLDER), tag=TAG)
+
+    def load(self, folder: str) -> None:
+        path, _ = self.engine.load_checkpoint(str(pathlib.Path(folder) / STATE_FOLDER), tag=TAG)
+        if path is None:
+            raise FileNotFoundError(f"{folder}: no DeepSpeed state under {STATE_FOLDER}/{TAG}")
