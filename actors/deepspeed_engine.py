@@ -37,8 +37,12 @@ class DeepSpeedStrategy:
     """engine.backward / engine.step over a step's micro-batches; saves and loads the engine state."""
 
     def __init__(self, model, optimizer, scheduler, trainer, world_size: int, dtype: str = "float32"):
+        import os
+
         import deepspeed
 
+        # Ray gives each GPU actor its own CUDA_VISIBLE_DEVICES: the local device is always 0.
+        os.environ.setdefault("LOCAL_RANK", "0")
         deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo",
                                    dist_init_required=False)
         per_worker = trainer.batch_size // world_size
@@ -47,6 +51,13 @@ class DeepSpeedStrategy:
         self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
             model=model, optimizer=optimizer, lr_scheduler=scheduler,
             config=engine_config(trainer, self.micro_batches, world_size, dtype))
+
+    def before_forward(self) -> None:
+        """What engine.forward does first. The adapters call the model's parts (decoder,
+        chunked head) rather than engine(...), so this is called instead: ZeRO counts
+        micro-steps here, and without it ZeRO-3 overwrites accumulated gradients."""
+        if hasattr(self.engine.optimizer, "clear_backward_seen_flag"):
+            self.engine.optimizer.clear_backward_seen_flag()
 
     def backward(self, loss: torch.Tensor) -> None:
         self.engine.backward(loss * self.world_size, scale_wrt_gas=False)

@@ -109,6 +109,7 @@ class PolicyWorker(WorkerBase):
         if self.deepspeed is not None:
             self.deepspeed.check_boundary(len(micro_batches))
             for micro, ref in zip(micro_batches, references, strict=True):
+                self.deepspeed.before_forward()
                 loss, metrics = self._micro_loss(micro, ref, normaliser)
                 self.deepspeed.backward(loss)
                 sums.append(metrics)

@@ -5,7 +5,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import pathlib
-import shutil
 import time
 
 from vlrlhf.config import JobSpec
@@ -58,54 +57,6 @@ def normaliser_for(spec: JobSpec, items: list) -> float:
     if spec.algorithm.name == "sft" and spec.algorithm.sft_aggregation == "token-mean":
         return float(sum(item.encoded.num_label_tokens for item in items))
     return float(len(items))
-
-
-# ---------------------------------------------------------------- checkpoints
-
-class Checkpoints:
-    """step-N folders under checkpoint.dir, written atomically (temp dir + rename)."""
-
-    def __init__(self, directory: str, keep_last: int):
-        self.root = pathlib.Path(directory)
-        self.keep_last = keep_last
-
-    def path(self, step: int) -> pathlib.Path:
-        return self.root / f"step-{step:06d}"
-
-    def complete(self) -> list[pathlib.Path]:
-        if not self.root.is_dir():
-            return []
-        return sorted(p for p in self.root.glob("step-*") if (p / "trainer_state.pt").is_file()
-                      and not p.name.endswith(".tmp"))
-
-    def latest(self) -> pathlib.Path | None:
-        found = self.complete()
-        return found[-1] if found else None
-
-    def save(self, step: int, write) -> pathlib.Path:
-        """`write(temp_folder)` fills the folder; it becomes step-N only once complete."""
-        final = self.path(step)
-        temp = final.with_name(final.name + ".tmp")
-        shutil.rmtree(temp, ignore_errors=True)
-        temp.mkdir(parents=True)
-        write(str(temp))
-        if final.exists():
-            shutil.rmtree(final)
-        temp.rename(final)  # atomic on one filesystem: a crash leaves the last good step-N intact
-        for old in self.complete()[: -self.keep_last]:
-            shutil.rmtree(old, ignore_errors=True)
-        return final
-
-
-def resume_from(spec: JobSpec, checkpoints: Checkpoints) -> pathlib.Path | None:
-    if spec.checkpoint.resume == "off":
-        return None
-    if spec.checkpoint.resume == "auto":
-        return checkpoints.latest()
-    path = pathlib.Path(spec.checkpoint.resume)
-    if not (path / "trainer_state.pt").is_file():
-        raise ValueError(f"checkpoint.resume={path}: not a vlrlhf checkpoint (no trainer_state.pt)")
-    return path
 
 
 # ---------------------------------------------------------------- tracking

@@ -22,8 +22,8 @@ from tqdm import tqdm
 from actors.group import ActorGroup
 from actors.policy import PolicyWorker
 from actors.reference import ReferenceWorker
-from jobs.common import (Checkpoints, Tracker, normaliser_for, plot_curves, prepare_data, resume_from, shard,
-                         split_shares)
+from jobs.checkpoints import open_checkpoints, resume_from
+from jobs.common import Tracker, normaliser_for, plot_curves, prepare_data, shard, split_shares
 from jobs.precompute import lookup, precompute_reference
 from vlrlhf.config import JobSpec
 from vlrlhf.data.pipeline import encoded_dataset, iter_encoded, ordered
@@ -59,7 +59,7 @@ class OfflineJob:
                                                     trainer.micro_batch_size)
             self.reference.shutdown()
             self.reference = None
-        self.checkpoints = Checkpoints(spec.checkpoint.dir, spec.checkpoint.keep_last)
+        self.checkpoints = open_checkpoints(spec.checkpoint.dir, spec.checkpoint.keep_last, run_dir / "staging")
         self.tracker = Tracker(spec, run_dir)
         self.step, self.epoch, self.position = 0, 0, 0
         self.eval_items = None
@@ -172,7 +172,7 @@ class OfflineJob:
         print(f"eval at step {self.step}: " + " ".join(f"{k.split('/')[1]}={v:.4g}" for k, v in values.items()))
         return values
 
-    def save(self) -> pathlib.Path:
+    def save(self) -> str:
         state = {"epoch": self.epoch, "position": self.position, "spec": self.spec.model_dump()}
         path = self.checkpoints.save(self.step, lambda folder: self.policy.get(
             self.policy.broadcast("save", folder, state)))

@@ -10,7 +10,7 @@ import shutil
 import pytest
 import torch
 
-from jobs.common import Checkpoints
+from jobs.checkpoints import Checkpoints, RemoteCheckpoints
 from jobs.run import run_job
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
@@ -27,13 +27,20 @@ def train_losses(run_dir: pathlib.Path) -> dict[int, float]:
 @pytest.mark.parametrize("config", ["demo_sft.yaml", "demo_dpo.yaml", "demo_kto.yaml"])
 def test_two_step_smoke_run_of_every_demo_spec(ray_cluster, tmp_path, config):
     run_dir = tmp_path / "run"
-    code = run_job(str(ROOT / "configs" / config), ["trainer.max_steps=2", f"checkpoint.dir={tmp_path / 'ck'}",
+    # SFT checkpoints to a URI (pyarrow filesystem; s3:// and gs:// take the same path)
+    directory = f"file://{tmp_path / 'bucket'}" if config == "demo_sft.yaml" else str(tmp_path / "ck")
+    code = run_job(str(ROOT / "configs" / config), ["trainer.max_steps=2", f"checkpoint.dir={directory}",
                                                      "trainer.eval_every=0"], run_dir=str(run_dir))
     assert code == 0
     assert sorted(train_losses(run_dir)) == [1, 2]
     assert (run_dir / "curves.png").stat().st_size > 1000
-    (checkpoint,) = Checkpoints(str(tmp_path / "ck"), 2).complete()
-    assert checkpoint.name == "step-000002"
+    if "://" in directory:
+        remote = RemoteCheckpoints(directory, 2, tmp_path / "download")
+        assert remote.complete() == ["step-000002"]
+        checkpoint = remote.latest()
+    else:
+        (checkpoint,) = Checkpoints(directory, 2).complete()
+        assert checkpoint.name == "step-000002"
     if (checkpoint / "adapter_config.json").is_file():  # LoRA: an adapter folder on the base model
         from peft import PeftModel
 
@@ -48,17 +55,17 @@ def test_two_step_smoke_run_of_every_demo_spec(ray_cluster, tmp_path, config):
     assert sum(p.numel() for p in model.parameters()) > 0
 
 
-@pytest.mark.parametrize("variant", [["algorithm.ddpo_gamma=5.0"], ["algorithm.mdpo={image_weight: 1.0}"],
-                                     ["reference.mode=precomputed"]], ids=["ddpo", "mdpo", "precomputed"])
-def test_dpo_variants_run_end_to_end(ray_cluster, tmp_path, variant):
+def test_dpo_variants_run_end_to_end(ray_cluster, tmp_path, capfd):
+    """DDPO weights, mDPO corrupted images and a precomputed reference, in one run."""
     run_dir = tmp_path / "run"
     overrides = ["trainer.max_steps=2", "trainer.eval_every=0", "resources.policy.num_workers=0",
-                 f"checkpoint.dir={tmp_path / 'ck'}", "data.eval=[]", *variant]
+                 f"checkpoint.dir={tmp_path / 'ck'}", "data.eval=[]", "algorithm.ddpo_gamma=5.0",
+                 "algorithm.mdpo={image_weight: 1.0}", "reference.mode=precomputed"]
     assert run_job(str(ROOT / "configs" / "demo_dpo.yaml"), overrides, run_dir=str(run_dir)) == 0
     losses = train_losses(run_dir)
     assert sorted(losses) == [1, 2] and all(math.isfinite(v) for v in losses.values())
-    if "mdpo" in variant[0]:
-        assert all("train/image_loss" in row for row in read_metrics(run_dir) if "train/loss" in row)
+    assert all("train/image_loss" in row for row in read_metrics(run_dir) if "train/loss" in row)
+    assert "reference log-probs precomputed for" in capfd.readouterr().out
 
 
 def test_resume_after_a_kill_continues_exactly(ray_cluster, tmp_path):
