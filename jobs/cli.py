@@ -30,10 +30,18 @@ def cmd_demo(args) -> int:
 def cmd_data_synth(args) -> int:
     from vlrlhf.data.synthetic import KINDS, synthesize
 
-    kinds = KINDS if args.kind == "all" else (args.kind,)
+    kinds = KINDS if args.kind == "all" else ("sft",) if args.kind == "bench" else (args.kind,)
     written = synthesize(args.out_dir, kinds, num_train=args.num_train, num_test=args.num_test, seed=args.seed)
     for path in written.values():
         print(f"wrote {path}")
+    if args.kind in ("all", "bench"):
+        import pathlib
+
+        from vlrlhf.eval.benchmarks.shapes import build_shapes_bench
+
+        bench = pathlib.Path(args.out_dir) / "Shapes_MC.tsv"
+        build_shapes_bench(args.out_dir, bench)
+        print(f"wrote {bench} (vlrlhf eval --bench shapes --data {args.out_dir})")
     print(f"image_root: {args.out_dir}")
     return 0
 
@@ -54,6 +62,32 @@ def cmd_run(args) -> int:
     from jobs.run import run_job
 
     return run_job(args.spec, args.overrides, run_dir=args.run_dir)
+
+
+def cmd_eval(args) -> int:
+    from jobs.evaluate import compare, run_eval
+    from jobs.run import start_ray
+    from vlrlhf.config import SpecError
+    from vlrlhf.eval.spec import load_eval_spec
+
+    if args.spec == "compare":
+        if len(args.rest) != 2:
+            raise ValueError("usage: vlrlhf eval compare RUN_A RUN_B (output folders or scores.json files)")
+        print(compare(*args.rest))
+        return 0
+    if args.spec and "=" in args.spec and not os.path.exists(args.spec):  # flags only, then overrides
+        args.rest, args.spec = [args.spec, *args.rest], None
+    flags = [f"{key}={value}" for key, value in (("model.path", args.model), ("benchmarks", args.bench),
+                                                 ("data", args.data), ("output", args.output),
+                                                 ("limit", args.limit)) if value is not None]
+    try:
+        spec = load_eval_spec(args.spec, flags + list(args.rest))
+    except SpecError as error:
+        print(f"vlrlhf: error: {error}", file=sys.stderr)
+        return 2
+    start_ray()
+    run_eval(spec)
+    return 0
 
 
 def cmd_config(args) -> int:
@@ -131,6 +165,20 @@ def build_parser() -> argparse.ArgumentParser:
     merge.add_argument("out_dir")
     merge.set_defaults(func=cmd_merge)
 
+    evaluate = commands.add_parser(
+        "eval", help="evaluate a checkpoint on benchmarks; `eval compare A B` puts two runs side by side",
+        description="Generate answers for benchmark TSVs (VLMEvalKit layout) on Ray Data, score them by each "
+                    "benchmark's rules, and write predictions, scores.json and results.md. "
+                    "`vlrlhf eval compare RUN_A RUN_B` prints per-benchmark deltas.")
+    evaluate.add_argument("spec", nargs="?", help="an eval spec (YAML), or 'compare'")
+    evaluate.add_argument("rest", nargs="*", help="key=value overrides, or the two runs to compare")
+    evaluate.add_argument("--model", help="checkpoint folder: base, LoRA adapter or merged")
+    evaluate.add_argument("--bench", help="comma-separated benchmarks, e.g. mme,pope")
+    evaluate.add_argument("--data", help="folder of benchmark TSVs (or one TSV)")
+    evaluate.add_argument("--output", help="output folder (default runs/eval)")
+    evaluate.add_argument("--limit", type=int, help="first N rows of each benchmark")
+    evaluate.set_defaults(func=cmd_eval)
+
     data = commands.add_parser("data", help="synthetic data sets and data checks",
                                description="Work with data sets: generate the synthetic shapes data, "
                                            "or read a data set through the pipeline and report on it.")
@@ -138,7 +186,8 @@ def build_parser() -> argparse.ArgumentParser:
     synth = data_commands.add_parser("synth", help="write the synthetic shapes data sets",
                                      description="Write coloured-shape images and SFT / preference / KTO / "
                                                  "prompt data sets (train and test) in public formats.")
-    synth.add_argument("kind", choices=["all", "sft", "preference", "kto", "prompts"])
+    synth.add_argument("kind", choices=["all", "sft", "preference", "kto", "prompts", "bench"],
+                       help="bench: the test questions as a multiple-choice benchmark TSV (Shapes_MC.tsv)")
     synth.add_argument("out_dir")
     synth.add_argument("--num-train", type=int, default=400)
     synth.add_argument("--num-test", type=int, default=100)
