@@ -34,6 +34,10 @@ class Checkpoints:
     def path(self, step: int) -> pathlib.Path:
         return self.root / step_name(step)
 
+    def local_path(self, step: int) -> pathlib.Path:
+        """Where step N lies on this machine."""
+        return self.path(step)
+
     def complete(self) -> list[pathlib.Path]:
         if not self.root.is_dir():
             return []
@@ -73,6 +77,10 @@ class RemoteCheckpoints:
 
     def path(self, step: int) -> str:
         return f"{self.uri}/{step_name(step)}"
+
+    def local_path(self, step: int) -> pathlib.Path:
+        """The staged copy of the newest save (the staging area keeps one)."""
+        return self.staging.path(step)
 
     def complete(self) -> list[str]:
         """Names (step-N) of the uploaded folders that carry the marker, oldest first."""

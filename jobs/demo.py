@@ -4,7 +4,9 @@
 2. DPO from the SFT checkpoint on the shapes preference pairs (configs/demo_dpo.yaml);
 3. held-out metrics of the random base, SFT and DPO models:
    - preference accuracy: share of test pairs where log pi(chosen) > log pi(rejected)
-   - exact match: greedy answers equal to the reference answer on the test questions.
+   - exact match: greedy answers equal to the reference answer on the test questions
+   - shapes benchmark: the same questions as a multiple-choice benchmark TSV, run
+     through `vlrlhf eval` (Ray Data generation, MMBench's circular scoring).
 
 `vlrlhf demo --models` is the model-layer check instead: every tiny family encoded,
 scored and generated with.
@@ -74,9 +76,12 @@ def held_out_metrics(path: str) -> dict[str, float]:
 # ---------------------------------------------------------------- the demo
 
 def run_demo(out_dir: str | pathlib.Path = ".demo", seed: int = 0) -> dict[str, dict[str, float]]:
+    from jobs.evaluate import run_eval
     from jobs.offline import run_offline
     from jobs.run import start_ray
     from vlrlhf.config import check_inputs, load_spec
+    from vlrlhf.eval.benchmarks.shapes import build_shapes_bench
+    from vlrlhf.eval.spec import load_eval_spec
 
     out = pathlib.Path(out_dir).resolve()
     started = time.perf_counter()
@@ -90,14 +95,21 @@ def run_demo(out_dir: str | pathlib.Path = ".demo", seed: int = 0) -> dict[str, 
                          [f"model.path={sft['checkpoint']}", f"checkpoint.dir={out / 'dpo' / 'checkpoints'}",
                           f"trainer.seed={seed}"])
     dpo = run_offline(dpo_spec, out / "dpo")
-    results = {name: held_out_metrics(path) for name, path in
-               (("base (random)", base), ("after SFT", sft["checkpoint"]), ("after DPO", dpo["checkpoint"]))}
+    models = (("base (random)", base), ("after SFT", sft["checkpoint"]), ("after DPO", dpo["checkpoint"]))
+    results = {name: held_out_metrics(path) for name, path in models}
+    build_shapes_bench(DATA, out / "bench" / "Shapes_MC.tsv")
+    for number, (name, path) in enumerate(models):
+        spec = load_eval_spec(None, [f"model.path={path}", "benchmarks=[shapes]", f"data={out / 'bench'}",
+                                     f"output={out / 'eval' / str(number)}", "generation.max_new_tokens=6"])
+        scores = run_eval(spec)["benchmarks"]["shapes"]["metrics"]
+        results[name]["shapes_bench"] = scores["overall"] / 100
     print()
     print(f"held-out shapes test set ({len(read_records(str(DATA / 'test_preference.json'), 'plain_dpo'))} pairs, "
           f"{len(read_records(str(DATA / 'test_sft.json'), 'llava'))} questions)")
-    print(f"{'model':<16}{'preference accuracy':>22}{'exact match':>14}")
+    print(f"{'model':<16}{'preference accuracy':>22}{'exact match':>14}{'shapes bench':>15}")
     for name, metrics in results.items():
-        print(f"{name:<16}{metrics['preference_accuracy']:>22.2f}{metrics['exact_match']:>14.2f}")
+        print(f"{name:<16}{metrics['preference_accuracy']:>22.2f}{metrics['exact_match']:>14.2f}"
+              f"{metrics['shapes_bench']:>15.2f}")
     reward_accuracy = dpo["eval"].get("eval/reward_accuracy", 0.0)
     print(f"DPO reward accuracy on the test pairs (implicit reward vs its SFT reference): {reward_accuracy:.2f}")
     print(f"demo finished in {time.perf_counter() - started:.0f} s; checkpoints under {out}")

@@ -118,6 +118,7 @@ class OfflineJob:
         self.tracker.close()
         plot = plot_curves(self.tracker.path, self.run_dir / "curves.png")
         summary = {"steps": self.step, "train": last, "eval": final_eval, "checkpoint": str(checkpoint),
+                   "local_checkpoint": str(self.checkpoints.local_path(self.step)),
                    "curves": str(plot) if plot else None, "bad_records": self.data.bad.summary()}
         print_summary(summary)
         return summary

@@ -44,5 +44,14 @@ def run_job(spec_path: str, overrides: list[str], run_dir: str | None = None) ->
     start_ray()
     from jobs.offline import run_offline
 
-    run_offline(spec, folder)
+    summary = run_offline(spec, folder)
+    if spec.evaluation is not None:  # benchmarks on the final checkpoint
+        from jobs.evaluate import run_eval
+        from vlrlhf.eval.spec import EvalSpec
+
+        evaluation = spec.evaluation
+        run_eval(EvalSpec(name=f"{spec.name}-eval", model=spec.model.model_copy(
+            update={"path": summary["local_checkpoint"], "lora": None}), benchmarks=evaluation.benchmarks,
+            data=evaluation.data, limit=evaluation.limit, generation={"max_new_tokens": evaluation.max_new_tokens},
+            judge=evaluation.judge, output=str(folder / "eval")))
     return 0

@@ -148,6 +148,26 @@ class TrackingSpec(Section):
     offline: bool = True  # wandb without a network
 
 
+class EvaluationSpec(Section):
+    """Benchmarks to run on the final checkpoint (see docs/evaluation.md)."""
+
+    benchmarks: list[str]
+    data: str  # a folder of VLMEvalKit TSVs
+    limit: int | None = Field(None, gt=0)
+    max_new_tokens: int = Field(64, gt=0)
+    judge: dict[str, Any] | None = None  # the eval spec's judge section
+
+    @field_validator("benchmarks")
+    @classmethod
+    def _known(cls, value):
+        from vlrlhf.eval.benchmarks import BENCHMARKS
+
+        unknown = [name for name in value if name not in BENCHMARKS]
+        if unknown:
+            raise ValueError(f"unknown benchmark(s) {', '.join(unknown)}; known: {', '.join(sorted(BENCHMARKS))}")
+        return value
+
+
 class JobSpec(Section):
     name: str = "job"
     model: ModelSpec
@@ -158,6 +178,7 @@ class JobSpec(Section):
     trainer: TrainerSpec = TrainerSpec()
     checkpoint: CheckpointSpec = CheckpointSpec()
     tracking: TrackingSpec = TrackingSpec()
+    evaluation: EvaluationSpec | None = None
 
     @model_validator(mode="after")
     def _consistent(self):
@@ -234,7 +255,14 @@ def load_spec(path: str | pathlib.Path, overrides: list[str] = ()) -> JobSpec:
         spec = JobSpec.model_validate(data)
     except ValidationError as error:
         raise SpecError(_format_error(error, str(spec_path))) from None
-    base = spec_path.resolve().parent
+    here = spec_path.resolve().parent
+    given = {override.partition("=")[0] for override in overrides}
+
+    def base_for(key: str) -> pathlib.Path:
+        """Paths written in the file resolve against its folder; paths given on the command line
+        (overrides) against the working directory, as a shell user expects."""
+        return pathlib.Path.cwd() if key in given or key.rsplit(".", 1)[0] in given else here
+
     if spec.model.path.startswith("tiny:"):  # a tiny random checkpoint, built on first use (demos, tests)
         from vlrlhf.models.tiny import ensure_tiny_model
 
@@ -242,13 +270,16 @@ def load_spec(path: str | pathlib.Path, overrides: list[str] = ()) -> JobSpec:
             spec.model.path = str(ensure_tiny_model(spec.model.path))
         except ValueError as error:
             raise SpecError(str(error)) from None
-    spec.model.path = _resolve(spec.model.path, base)
-    spec.data.train = [_resolve(p, base) for p in spec.data.train]
-    spec.data.eval = [_resolve(p, base) for p in spec.data.eval]
-    spec.data.image_root = _resolve(spec.data.image_root, base) or str(pathlib.Path(spec.data.train[0]).parent)
-    spec.reference.path = _resolve(spec.reference.path, base)
+    spec.model.path = _resolve(spec.model.path, base_for("model.path"))
+    spec.data.train = [_resolve(p, base_for("data.train")) for p in spec.data.train]
+    spec.data.eval = [_resolve(p, base_for("data.eval")) for p in spec.data.eval]
+    spec.data.image_root = _resolve(spec.data.image_root, base_for("data.image_root")) or str(
+        pathlib.Path(spec.data.train[0]).parent)
+    spec.reference.path = _resolve(spec.reference.path, base_for("reference.path"))
     spec.checkpoint.dir = _resolve(spec.checkpoint.dir, pathlib.Path.cwd())
     spec.tracking.dir = _resolve(spec.tracking.dir, pathlib.Path.cwd())
+    if spec.evaluation is not None:
+        spec.evaluation.data = _resolve(spec.evaluation.data, base_for("evaluation.data"))
     return spec
 
 
@@ -260,6 +291,8 @@ def check_inputs(spec: JobSpec) -> None:
             raise SpecError(f"model.path={spec.model.path}: no config.json there")
         if not any(model.glob("*.safetensors")) and not any(model.glob("*.bin")):
             raise SpecError(f"model.path={spec.model.path}: no weights (*.safetensors) there")
+    if spec.evaluation is not None and not pathlib.Path(spec.evaluation.data).exists():
+        raise SpecError(f"evaluation.data={spec.evaluation.data}: no such folder")
     for key, paths in (("data.train", spec.data.train), ("data.eval", spec.data.eval)):
         for path in paths:
             if "://" not in path and not pathlib.Path(path).is_file():

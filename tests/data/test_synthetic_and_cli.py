@@ -22,6 +22,10 @@ def test_same_seed_writes_identical_files_and_the_bundled_copy_is_current(tmp_pa
     for name in written:
         assert filecmp.cmp(tmp_path / "a" / name, tmp_path / "b" / name, shallow=False)
         assert filecmp.cmp(tmp_path / "a" / name, BUNDLED / name, shallow=False), f"data/shapes/{name} is stale"
+    from vlrlhf.eval.benchmarks.shapes import build_shapes_bench
+
+    build_shapes_bench(tmp_path / "a", tmp_path / "a" / "Shapes_MC.tsv")  # `vlrlhf data synth bench`
+    assert filecmp.cmp(tmp_path / "a" / "Shapes_MC.tsv", BUNDLED / "Shapes_MC.tsv", shallow=False), "stale bench"
     images = sorted(p.relative_to(tmp_path / "a") for p in (tmp_path / "a" / "images").rglob("*.png"))
     assert images == sorted(p.relative_to(BUNDLED) for p in (BUNDLED / "images").rglob("*.png"))
     assert all(filecmp.cmp(tmp_path / "a" / p, BUNDLED / p, shallow=False) for p in images[::25])

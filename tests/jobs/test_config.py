@@ -18,10 +18,13 @@ CONFIGS = sorted((ROOT / "configs").rglob("*.yaml"))
 
 @pytest.mark.parametrize("path", [p for p in CONFIGS if "kuberay" not in p.parts], ids=lambda p: p.name)
 def test_every_shipped_spec_validates(path):
+    from vlrlhf.eval.spec import EvalSpec
+
     first_line = path.read_text().splitlines()[0]
-    assert first_line.startswith("#") and "vlrlhf run" in first_line  # the launch command comes first
+    command = "vlrlhf eval" if "eval" in path.parent.parts[-1:] else "vlrlhf run"
+    assert first_line.startswith("#") and command in first_line  # the launch command comes first
     data = yaml.safe_load(path.read_text())
-    JobSpec.model_validate(data)
+    (EvalSpec if command == "vlrlhf eval" else JobSpec).model_validate(data)
 
 
 def minimal(tmp_path, **changes) -> pathlib.Path:
@@ -42,6 +45,15 @@ def test_overrides_are_parsed_as_yaml_and_paths_resolved(tmp_path):
     assert spec.trainer.max_steps == 3
     assert pathlib.Path(spec.model.path, "config.json").is_file()  # tiny:llava was built
     assert spec.data.image_root == str(ROOT / "data/shapes")
+
+
+def test_paths_in_the_file_resolve_against_it_and_paths_on_the_command_line_against_cwd(tmp_path, monkeypatch):
+    (tmp_path / "specs").mkdir()
+    path = minimal(tmp_path / "specs", reference__path="ref_model")
+    monkeypatch.chdir(tmp_path)
+    spec = load_spec(path, ["model.path=runs/sft/step-1"])
+    assert spec.model.path == str(tmp_path / "runs/sft/step-1")  # typed in a shell at tmp_path
+    assert spec.reference.path == str(tmp_path / "specs" / "ref_model")  # written in the file
 
 
 @pytest.mark.parametrize("override, message", [

@@ -66,17 +66,20 @@ def load_eval_spec(path: str | pathlib.Path | None, overrides: list[str] = ()) -
     unknown = [b for b in spec.benchmarks if b not in BENCHMARKS]
     if unknown:
         raise SpecError(f"benchmarks: unknown {', '.join(unknown)}; known: {', '.join(sorted(BENCHMARKS))}")
-    base = path.resolve().parent if path is not None else pathlib.Path.cwd()
+    here = path.resolve().parent if path is not None else pathlib.Path.cwd()
+    given = {override.partition("=")[0] for override in overrides}
+
+    def resolved(key: str, value: str) -> str:  # file paths: the spec's folder; command-line paths: cwd
+        base = pathlib.Path.cwd() if key in given else here
+        return value if "://" in value or pathlib.Path(value).is_absolute() else str((base / value).resolve())
+
     if spec.model.path.startswith("tiny:"):
         from vlrlhf.models.tiny import ensure_tiny_model
 
         spec.model.path = str(ensure_tiny_model(spec.model.path))
-    for key in ("data",):
-        value = getattr(spec, key)
-        if "://" not in value and not pathlib.Path(value).is_absolute():
-            setattr(spec, key, str((base / value).resolve()))
-    if not pathlib.Path(spec.model.path).is_absolute() and "://" not in spec.model.path:
-        spec.model.path = str((base / spec.model.path).resolve())
+    spec.data = resolved("data", spec.data)
+    spec.model.path = resolved("model.path", spec.model.path)
+    spec.output = str((pathlib.Path.cwd() / spec.output).resolve())  # outputs: the working directory
     if not pathlib.Path(spec.data).exists():
         raise SpecError(f"data={spec.data}: no such folder or file")
     if not (pathlib.Path(spec.model.path) / "config.json").is_file() and \
