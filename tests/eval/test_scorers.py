@@ -172,3 +172,49 @@ def test_a_lost_prediction_is_an_error_not_a_miss(tmp_path):
     rows = [{"index": 0, "image": png_b64(), "question": "q", "answer": "Yes", "category": "existence"}]
     with pytest.raises(KeyError, match="no prediction for index 0"):
         scored(tmp_path, "mme", rows, {})
+
+
+AMBER_CASES = [  # (type, truth, answer)
+    ("discriminative-hallucination", "no", "No"), ("discriminative-hallucination", "yes", "Yes, there is."),
+    ("discriminative-hallucination", "no", "Yes"), ("discriminative-attribute-state", "no", "No."),
+    ("discriminative-attribute-state", "yes", "no"), ("discriminative-relation", "yes", "maybe")]
+
+
+def check_amber(score):
+    m = score.metrics
+    # 'no' is AMBER's positive class: 3 answered no, 3 truly no, 2 both
+    assert m["accuracy"] == 50.0 and m["precision"] == pytest.approx(200 / 3) and m["recall"] == pytest.approx(200 / 3)
+    assert m["f1"] == pytest.approx(200 / 3)
+    assert (m["existence/precision"], m["existence/recall"]) == (100.0, 50.0)
+    assert m["existence/accuracy"] == pytest.approx(200 / 3) and m["existence/f1"] == pytest.approx(200 / 3)
+    assert (m["attribute/precision"], m["attribute/recall"], m["attribute/accuracy"]) == (50.0, 100.0, 50.0)
+    assert m["attribute-state/accuracy"] == 50.0 and m["relation/accuracy"] == 0.0
+    assert score.counts == {"items": 6, "unparsed": 1}
+
+
+def test_amber_discriminative_no_is_positive(tmp_path):
+    rows = [{"index": i, "image": png_b64(), "question": "Is there a cat?", "answer": truth, "category": kind}
+            for i, (kind, truth, _) in enumerate(AMBER_CASES)]
+    check_amber(scored(tmp_path, "amber", rows, {i: answer for i, (_, _, answer) in enumerate(AMBER_CASES)}))
+
+
+def test_amber_reads_its_official_release_folder(tmp_path):
+    import base64
+    import json
+
+    folder = tmp_path / "AMBER"
+    (folder / "data" / "query").mkdir(parents=True)
+    (folder / "image").mkdir()
+    queries, annotations = [], []
+    for i, (kind, truth, _) in enumerate(AMBER_CASES, start=1):
+        (folder / "image" / f"AMBER_{i}.jpg").write_bytes(base64.b64decode(png_b64()))
+        queries.append({"id": i, "image": f"AMBER_{i}.jpg", "query": "Is there a cat in this image?"})
+        annotations.append({"id": i, "type": kind, "truth": truth})
+    (folder / "data" / "query" / "query_discriminative.json").write_text(json.dumps(queries))
+    (folder / "data" / "annotations.json").write_text(json.dumps(annotations))
+    bench = get_benchmark("amber")
+    from vlrlhf.eval.benchmarks import find_file
+
+    items = bench.read(find_file(bench, tmp_path))
+    assert [i.index for i in items] == ["1", "2", "3", "4", "5", "6"] and items[0].images
+    check_amber(bench.score(items, {str(i): answer for i, (_, _, answer) in enumerate(AMBER_CASES, start=1)}))

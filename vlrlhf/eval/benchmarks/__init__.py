@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pathlib
 
+from vlrlhf.eval.benchmarks.amber import AMBER
 from vlrlhf.eval.benchmarks.base import Benchmark, Score
 from vlrlhf.eval.benchmarks.hallusionbench import HallusionBench
 from vlrlhf.eval.benchmarks.mathvista import MathVista
@@ -15,7 +16,8 @@ from vlrlhf.eval.benchmarks.pope import POPE
 from vlrlhf.eval.benchmarks.shapes import ShapesBench
 
 BENCHMARKS: dict[str, Benchmark] = {b.name: b for b in (MME(), MMBench(), SEEDBench(), POPE(), MMMU(), MathVista(),
-                                                        MMVet(), HallusionBench(), ShapesBench())}
+                                                        MMVet(), HallusionBench(), AMBER(),
+                                                        ShapesBench())}
 
 __all__ = ["BENCHMARKS", "Benchmark", "Score", "find_file", "get_benchmark"]
 
@@ -27,8 +29,11 @@ def get_benchmark(name: str) -> Benchmark:
 
 
 def find_file(benchmark: Benchmark, folder: str | pathlib.Path) -> pathlib.Path:
-    """The benchmark's TSV in `folder`: a file whose name starts with one of its prefixes."""
+    """The benchmark's TSV in `folder`: a file whose name starts with one of its prefixes
+    (AMBER: also its official release folder, `folder/AMBER`)."""
     folder = pathlib.Path(folder)
+    if benchmark.name == "amber" and (folder / "AMBER").is_dir():
+        return folder / "AMBER"
     candidates = sorted(p for p in folder.glob("*.tsv")
                         if any(p.name.lower().startswith(prefix.lower()) for prefix in benchmark.files))
     if not candidates:
