@@ -1,0 +1,49 @@
+"""Rule rewards and their error policy."""
+
+from __future__ import annotations
+
+import pytest
+
+from vlrlhf.data.records import PromptRecord
+from vlrlhf.rewards import RewardError, RewardSet, RewardTerm
+from vlrlhf.rewards.builtin import exact_match, format_match, length_penalty, multiple_choice, numeric
+
+
+def record(answer, index=0, **metadata):
+    return PromptRecord(id=f"p:{index}", prompt=[{"role": "user", "content": "Q?"}], answer=answer,
+                        metadata=metadata)
+
+
+def test_builtins():
+    assert exact_match(["Red.", "the red", "RED"], [record("red")] * 3) == [1.0, 0.0, 1.0]
+    options = {"A": "circle", "B": "square"}
+    assert multiple_choice(["B", "It is a circle", "purple"], [record("B", options=options)] * 3) == [1.0, 0.0, 0.0]
+    assert numeric(["x = 3.0001", "about 1,000", "none", "3.1"], [record("3"), record("1000"), record("3"),
+                                                                   record("3")], rel_tol=1e-3) == [1.0, 1.0, 0.0, 0.0]
+    assert length_penalty(["a" * 5, "a" * 15], [record("a")] * 2, max_chars=10, penalty_per_char=0.5) == [0.0, -2.5]
+    assert format_match(["<think>x</think> 4", "4"], [record("4")] * 2, pattern=r"<think>.*</think>.*") == [1.0, 0.0]
+
+
+def test_weighted_sum_of_terms():
+    rewards = RewardSet([RewardTerm("exact_match", weight=1.0),
+                         RewardTerm("length_penalty", weight=2.0, options={"max_chars": 3, "penalty_per_char": 0.1})])
+    result = rewards.score(["red", "blue!"], [record("red", 0), record("red", 1)])
+    assert result.total == pytest.approx([1.0, 2.0 * -0.2])
+    assert result.terms["exact_match"] == [1.0, 0.0] and not result.failures
+
+
+def test_a_failing_sample_is_named_or_scored_by_the_fallback_and_counted():
+    records = [record("a", i) for i in range(4)]
+    completions = ["fine", "boom", "nan", "fine"]
+    with pytest.raises(RewardError, match=r"reward tests.rewards.user_rewards:shaky failed on sample 1 \(record p:1\)"
+                                          r": raised RuntimeError: parser crashed"):
+        RewardSet([RewardTerm("tests.rewards.user_rewards:shaky")]).score(completions, records)
+    lenient = RewardSet([RewardTerm("tests.rewards.user_rewards:shaky", on_error="fallback", fallback=-1.0)])
+    result = lenient.score(completions, records)
+    assert result.total == [0.5, -1.0, -1.0, 0.5] and result.failures["tests.rewards.user_rewards:shaky"] == 2
+    with pytest.raises(RewardError, match="sample 2 .*returned nan"):
+        RewardSet([RewardTerm("tests.rewards.user_rewards:shaky")]).score(["fine", "fine", "nan"], records[:3])
+    with pytest.raises(RewardError, match="returned 1 values for 2 completions"):
+        RewardSet([RewardTerm("tests.rewards.user_rewards:too_few")]).score(["a", "b"], records[:2])
+    with pytest.raises(ValueError, match="neither a built-in"):
+        RewardSet([RewardTerm("no_such_reward")])
