@@ -72,6 +72,7 @@ def test_job_submit_runs_the_spec_and_logs_progress(head, tmp_path):
     command = [str(BIN / "ray"), "job", "submit", "--address", address, "--working-dir", str(ROOT),
                "--submission-id", "vlrlhf-smoke", "--",
                "vlrlhf", "run", "configs/demo_sft.yaml", "trainer.max_steps=2", "trainer.eval_every=0",
+               "evaluation=null",
                f"checkpoint.dir={tmp_path / 'ck'}", "--run-dir", str(tmp_path / "run")]
     for _ in range(20):  # the head's job agent takes a few seconds to come up after `ray start`
         submitted = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)

@@ -35,6 +35,9 @@ def test_two_step_smoke_run_of_every_demo_spec(ray_cluster, tmp_path, config):
     assert sorted(train_losses(run_dir)) == [1, 2]
     assert (run_dir / "curves.png").stat().st_size > 1000
     if "://" in directory:
+        # demo_sft's `evaluation` section: the final checkpoint on the bundled shapes benchmark
+        scores = json.loads((run_dir / "eval" / "scores.json").read_text())
+        assert scores["benchmarks"]["shapes"]["counts"]["questions"] == 100
         remote = RemoteCheckpoints(directory, 2, tmp_path / "download")
         assert remote.complete() == ["step-000002"]
         checkpoint = remote.latest()
@@ -70,7 +73,8 @@ def test_dpo_variants_run_end_to_end(ray_cluster, tmp_path, capfd):
 
 def test_resume_after_a_kill_continues_exactly(ray_cluster, tmp_path):
     spec = str(ROOT / "configs" / "demo_sft.yaml")
-    common = ["trainer.max_steps=4", "trainer.eval_every=0", "trainer.batch_size=8", "trainer.micro_batch_size=8"]
+    common = ["trainer.max_steps=4", "trainer.eval_every=0", "trainer.batch_size=8", "trainer.micro_batch_size=8",
+              "evaluation=null"]
     full = tmp_path / "full"
     assert run_job(spec, common + [f"checkpoint.dir={full / 'ck'}", "checkpoint.every=2"], run_dir=str(full)) == 0
     # The interrupted run: it wrote checkpoint 2 and was killed during step 3, mid-write of nothing newer.

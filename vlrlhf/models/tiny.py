@@ -217,8 +217,7 @@ FAMILIES = tuple(BUILDERS)
 # transformers 5 saves CLIP/SigLIP towers inside LLaVA-style models without their
 # `vision_model.` level; hub checkpoints (and vLLM's loaders) have it. transformers
 # maps the hub names back on load, so writing the hub layout serves both.
-HUB_RENAMES = {family: ("vision_tower.", "vision_tower.vision_model.")
-               for family in ("llava", "llava_next", "paligemma")}
+from vlrlhf.models.weights import HUB_RENAMES  # noqa: E402  (families and model types coincide here)
 
 
 def rewrite_to_hub_layout(family: str, folder: pathlib.Path) -> None:

@@ -1,0 +1,58 @@
+"""The rollout role: vLLM against the transformers engine, weight sync, behaviour log-probs."""
+
+from __future__ import annotations
+
+import json
+import pathlib
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from actors.rollout import Sampling, TransformersEngine, make_engine
+from tests.actors.rollout_check import recomputed_logprobs, request
+
+SCRIPT = pathlib.Path(__file__).with_name("rollout_check.py")
+ROOT = pathlib.Path(__file__).resolve().parents[2]
+
+
+def test_vllm_rollouts_match_the_transformers_engine_before_and_after_a_weight_sync(tiny_path):
+    """One subprocess (vLLM stays out of pytest), tiny LLaVA and Qwen2-VL. The vLLM and
+    transformers engines share the adapter's prompt tokens (vLLM's own tokenisation is
+    checked against it) and must agree token for token."""
+    pytest.importorskip("vllm")
+    models = [str(tiny_path("llava")), str(tiny_path("qwen2_vl"))]
+    out = subprocess.run([sys.executable, str(SCRIPT), *models], capture_output=True, text=True, timeout=900,
+                         cwd=ROOT)
+    results = [json.loads(line[len("RESULT "):]) for line in out.stdout.splitlines() if line.startswith("RESULT ")]
+    assert len(results) == 2, out.stderr[-4000:]
+    for model, result in zip(models, results, strict=True):
+        assert result["greedy_equal"] == [True, True], model
+        assert result["greedy_max_dlogp"] < 1e-4, model
+        assert result["image_changes_logprobs"], model  # the red and the blue circle give different outputs
+        assert result["samples"] == 4 and result["sampled_max_dlogp"] < 1e-3, model  # ratio == 1 before an update
+        # after the sync: the engine follows the updated policy, and a second image request still works
+        for round_ in (0, 1):
+            assert result[f"synced_equal_{round_}"] == [True, True], model
+            assert result[f"synced_max_dlogp_{round_}"] < 1e-4, model
+
+
+def test_transformers_engine_samples_n_per_request_with_behaviour_logprobs(tiny_path):
+    engine = TransformersEngine(str(tiny_path("llava")))
+    requests = [request("red"), request("green")]
+    sampling = Sampling(n=3, temperature=1.0, max_tokens=6, seed=5)
+    samples = engine.generate(requests, sampling)
+    assert [s.request for s in samples] == [0, 0, 0, 1, 1, 1]
+    assert all(1 <= s.length <= 6 and len(s.logprobs) == s.length for s in samples)
+    assert all((s.finish_reason == "stop") == (s.token_ids[-1] == engine.adapter.tokenizer.eos_token_id)
+               for s in samples)
+    again = engine.generate(requests, sampling)
+    assert [s.token_ids for s in again] == [s.token_ids for s in samples]  # seeded
+    for sample in samples[:2]:  # at temperature 1 the behaviour log-probs are the policy's
+        recomputed = recomputed_logprobs(engine, requests[sample.request], sample.token_ids)
+        assert torch.allclose(torch.tensor(recomputed), torch.tensor(sample.logprobs), atol=1e-4)
+    with pytest.raises(KeyError, match="unknown tensor name"):
+        engine.load_weights({"not.a.weight": torch.zeros(1)})
+    with pytest.raises(ValueError, match="must be 'vllm' or 'transformers'"):
+        make_engine("sglang", str(tiny_path("llava")))
