@@ -211,6 +211,26 @@ class PolicyWorker(WorkerBase):
         _set_rng_state(state["rng"])
         return {k: v for k, v in state.items() if k not in ("optimizer", "scheduler", "rng")}
 
+    @torch.no_grad()
+    def sync_state(self) -> dict:
+        """The tensors a rollout engine must refresh, under the plain model's parameter names:
+        trainable parameters (full fine-tuning), or with LoRA the merged weights of the
+        adapted layers (W + scale * B A) plus any other trainable parameter."""
+        if self.model_spec.lora is None:
+            return {n: p.detach().cpu().clone() for n, p in self.model.named_parameters() if p.requires_grad}
+        self.model.merge_adapter()
+        try:
+            out = {}
+            for name, parameter in self.model.named_parameters():
+                if "lora_" in name:
+                    continue
+                plain = name.removeprefix("base_model.model.").replace(".base_layer.", ".")
+                if parameter.requires_grad or ".base_layer." in name:
+                    out[plain] = parameter.detach().cpu().clone()
+            return out
+        finally:
+            self.model.unmerge_adapter()
+
     def trainable_state(self) -> dict:
         """name -> tensor of every trainable parameter (tests and weight sync)."""
         return {n: p.detach().cpu().clone() for n, p in self.model.named_parameters() if p.requires_grad}

