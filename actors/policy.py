@@ -23,7 +23,7 @@ from vlrlhf.config import AlgorithmSpec, ModelSpec, TrainerSpec
 from vlrlhf.models.base import LoadOptions
 from vlrlhf.models.registry import load_adapter
 from vlrlhf.data.pipeline import KTOBatch
-from vlrlhf.training import dpo_micro_step, kto_micro_step, move_pairs, sft_micro_step
+from vlrlhf.training import dpo_micro_step, kto_micro_step, move_pairs, rl_micro_step, sft_micro_step
 
 
 def device() -> torch.device:
@@ -50,8 +50,10 @@ def schedule(trainer: TrainerSpec, total_steps: int):
 
 
 class PolicyWorker(WorkerBase):
-    def __init__(self, model: ModelSpec, algorithm: AlgorithmSpec, trainer: TrainerSpec, total_steps: int):
+    def __init__(self, model: ModelSpec, algorithm: AlgorithmSpec, trainer: TrainerSpec, total_steps: int,
+                 online=None):
         torch.manual_seed(trainer.seed)
+        self.online = online  # OnlineSpec for grpo / rloo
         self.model_spec, self.algorithm, self.trainer = model, algorithm, trainer
         self.device = device()
         self.adapter = load_adapter(model.path, adapter=model.adapter, options=load_options(model))
@@ -95,6 +97,8 @@ class PolicyWorker(WorkerBase):
         name = self.algorithm.name
         if name == "sft":
             return sft_micro_step(self.adapter, self.model, micro.to(self.device), self.algorithm, normaliser)
+        if name in ("grpo", "rloo"):
+            return rl_micro_step(self.adapter, self.model, micro.to(self.device), reference, self.online, normaliser)
         if name == "dpo":
             return dpo_micro_step(self.adapter, self.model, move_pairs(micro, self.device), reference,
                                   self.algorithm, normaliser)

@@ -13,7 +13,7 @@ from actors.policy import device, load_options
 from vlrlhf.config import ModelSpec
 from vlrlhf.models.registry import load_adapter
 from vlrlhf.data.pipeline import PairBatch
-from vlrlhf.training import move_pairs, pair_logps, sequence_logps
+from vlrlhf.training import RLBatch, move_pairs, pair_logps, sequence_logps
 
 
 @torch.no_grad()
@@ -22,6 +22,8 @@ def reference_logps(adapter, model, micro_batches: list, on: torch.device) -> li
     for micro in micro_batches:
         if isinstance(micro, PairBatch):
             out.append(pair_logps(adapter, model, move_pairs(micro, on)).cpu())
+        elif isinstance(micro, RLBatch):  # token log-probs for the KL term
+            out.append(adapter.token_logprobs(model, micro.batch.to(on)).cpu())
         else:  # KTOBatch
             out.append((sequence_logps(adapter, model, micro.completions.to(on))[0].cpu(),
                         sequence_logps(adapter, model, micro.mismatched.to(on))[0].cpu()))

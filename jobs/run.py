@@ -42,9 +42,14 @@ def run_job(spec_path: str, overrides: list[str], run_dir: str | None = None) ->
         return 2
     folder = pathlib.Path(run_dir or pathlib.Path("runs") / spec.name).resolve()
     start_ray()
-    from jobs.offline import run_offline
+    if spec.algorithm.name in ("grpo", "rloo"):
+        from jobs.online import run_online
 
-    summary = run_offline(spec, folder)
+        summary = run_online(spec, folder)
+    else:
+        from jobs.offline import run_offline
+
+        summary = run_offline(spec, folder)
     if spec.evaluation is not None:  # benchmarks on the final checkpoint
         from jobs.evaluate import run_eval
         from vlrlhf.eval.spec import EvalSpec

@@ -72,7 +72,7 @@ class MDPOSpec(Section):
 
 
 class AlgorithmSpec(Section):
-    name: Literal["sft", "dpo", "kto"]
+    name: Literal["sft", "dpo", "kto", "grpo", "rloo"]
     loss_type: str | list[str] | dict[str, float] = "sigmoid"
     beta: float = Field(0.1, gt=0)
     label_smoothing: float = Field(0.0, ge=0, lt=1)
@@ -97,6 +97,32 @@ class AlgorithmSpec(Section):
         return self
 
 
+class RewardTermSpec(Section):
+    function: str  # a built-in (exact_match, multiple_choice, numeric, ...) or 'package.module:function'
+    weight: float = 1.0
+    options: dict[str, Any] = {}
+    on_error: Literal["raise", "fallback"] = "raise"
+    fallback: float = 0.0
+
+
+class OnlineSpec(Section):
+    """Online RL (grpo, rloo): sampling, rewards and the policy-gradient update."""
+
+    engine: Literal["transformers", "vllm"] = "transformers"
+    n: int = Field(4, ge=2)  # samples per prompt (the group)
+    temperature: float = Field(1.0, gt=0)
+    top_p: float = Field(1.0, gt=0, le=1)
+    max_tokens: int = Field(32, gt=0)
+    max_model_len: int = Field(1024, gt=0)  # vLLM
+    prompts_per_step: int = Field(8, gt=0)
+    rewards: list[RewardTermSpec]
+    clip_low: float = Field(0.2, ge=0)
+    clip_high: float = Field(0.2, ge=0)  # > clip_low: DAPO's clip-higher
+    kl_coef: float = Field(0.0, ge=0)  # GRPO's KL in the loss (k3); 0: no reference needed
+    advantage_scale: Literal["group", "batch", "none"] = "group"  # GRPO std; none: Dr. GRPO
+    skip_equal_groups: bool = True  # groups whose rewards are all equal carry no signal
+
+
 class GroupSpec(Section):
     num_workers: int = Field(1, ge=0)  # 0: run in the driver process, no Ray actor
     gpus: float = Field(0.0, ge=0)  # per worker
@@ -107,6 +133,7 @@ class GroupSpec(Section):
 class ResourcesSpec(Section):
     policy: GroupSpec = GroupSpec()
     reference: GroupSpec = GroupSpec(num_workers=0)
+    rollout: GroupSpec = GroupSpec(num_workers=0)
 
 
 class ReferenceSpec(Section):
@@ -179,9 +206,13 @@ class JobSpec(Section):
     checkpoint: CheckpointSpec = CheckpointSpec()
     tracking: TrackingSpec = TrackingSpec()
     evaluation: EvaluationSpec | None = None
+    online: OnlineSpec | None = None
 
     @model_validator(mode="after")
     def _consistent(self):
+        online = self.algorithm.name in ("grpo", "rloo")
+        if online != (self.online is not None):
+            raise ValueError("the online section is required by algorithm.name=grpo|rloo, and only by them")
         workers = max(self.resources.policy.num_workers, 1)
         if self.trainer.batch_size % workers:
             raise ValueError(f"trainer.batch_size={self.trainer.batch_size} must divide evenly over "

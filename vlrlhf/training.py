@@ -140,3 +140,38 @@ def finish_metrics(sums: list[dict[str, float]]) -> dict[str, float]:
             out[name] = value / denominator if denominator else 0.0
     out["examples"] = total.get("examples", total.get("count", 0.0))
     return out
+
+
+@dataclasses.dataclass
+class RLBatch:
+    """Prompt + sampled completion rows for a policy-gradient step."""
+
+    batch: ModelBatch  # labels = the completion tokens
+    old_logps: torch.Tensor  # (B, T) behaviour log-probs at the label positions, 0 elsewhere
+    advantages: torch.Tensor  # (B,) one per completion (outcome reward)
+
+    def to(self, device) -> RLBatch:
+        return RLBatch(self.batch.to(device), self.old_logps.to(device), self.advantages.to(device))
+
+
+def rl_micro_step(adapter, model, rl: RLBatch, ref_logps: torch.Tensor | None, online,
+                  normaliser: float) -> tuple[torch.Tensor, dict[str, float]]:
+    """PPO-clip surrogate (+ kl_coef * k3 KL to the reference) summed over completion tokens,
+    divided by the global completion-token count `normaliser` (token-mean over the step)."""
+    from vlrlhf.losses.policy import kl_estimate, ppo_policy_loss
+
+    logps = adapter.token_logprobs(model, rl.batch)
+    mask = rl.batch.loss_mask
+    advantages = rl.advantages[:, None].expand_as(logps)
+    out = ppo_policy_loss(logps, rl.old_logps, advantages, mask, clip_low=online.clip_low,
+                          clip_high=online.clip_high, aggregation="seq-mean-token-sum")
+    total = out.loss * len(rl.batch)  # the token sum
+    metrics = {"policy_loss_sum": float(total.detach()), "tokens": float(mask.sum()),
+               "clip_fraction_sum": float(out.clip_fraction) * float(mask.sum()),
+               "count": float(mask.sum())}
+    if ref_logps is not None and online.kl_coef > 0:
+        kl = (kl_estimate(logps, ref_logps.to(logps.device), "k3") * mask).sum()
+        total = total + online.kl_coef * kl
+        metrics["kl_sum"] = float(kl.detach())
+    metrics["loss_sum"] = float(total.detach())
+    return total / normaliser, metrics
