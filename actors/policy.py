@@ -97,7 +97,7 @@ class PolicyWorker(WorkerBase):
         name = self.algorithm.name
         if name == "sft":
             return sft_micro_step(self.adapter, self.model, micro.to(self.device), self.algorithm, normaliser)
-        if name in ("grpo", "rloo"):
+        if name in ("grpo", "rloo", "reinforce_pp"):
             return rl_micro_step(self.adapter, self.model, micro.to(self.device), reference, self.online, normaliser)
         if name == "dpo":
             return dpo_micro_step(self.adapter, self.model, move_pairs(micro, self.device), reference,

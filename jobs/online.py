@@ -1,9 +1,10 @@
-"""Online RL driver: GRPO and RLOO.
+"""Online RL driver: GRPO, RLOO and REINFORCE++.
 
     prompts (seeded order) -> rollout.generate         n samples per prompt, behaviour log-probs
       -> rewards (rule functions, weighted)             per completion
-      -> advantages (group-normalised / leave-one-out)  vlrlhf.losses.policy
       -> reference token log-probs (when kl_coef > 0)
+      -> advantages: group-normalised (GRPO), leave-one-out (RLOO), or whitened returns of
+         token rewards with the KL in the reward (REINFORCE++)   vlrlhf.losses.policy
       -> policy.train_step                              PPO-clip over every sample, one optimizer step
       -> sync_weights(policy -> rollout)                the engine samples from the new policy
       -> log, checkpoint
@@ -11,8 +12,8 @@
 One update per rollout batch (on-policy: the clip is a guard, ratio = 1 at the start
 of the step). Each stage is timed. Groups whose rewards are all equal carry no
 gradient with group baselines and are skipped when `online.skip_equal_groups`.
-Not built yet: PPO with a critic, REINFORCE++, a reward-model role, asynchronous
-(one-step-off) rollouts.
+Not built yet: PPO with a critic, a reward-model role, asynchronous (one-step-off)
+rollouts, collective (multi-node) weight broadcast.
 """
 
 from __future__ import annotations
@@ -51,13 +52,20 @@ def rl_examples(adapter, prompt: EncodedExample, samples) -> list[EncodedExample
     return rows
 
 
-def collate_rl(adapter, rows: list[tuple[EncodedExample, list[float], float]]) -> RLBatch:
+def collate_rl(adapter, rows: list[tuple]) -> RLBatch:
+    """rows: (example, behaviour log-probs, advantage: a float, or one per completion token)."""
     batch = adapter.collate([row[0] for row in rows])
     old = torch.zeros(batch.input_ids.shape, dtype=torch.float32)
-    for index, (example, logps, _) in enumerate(rows):
+    token_level = bool(rows) and isinstance(rows[0][2], list)
+    advantages = torch.zeros(batch.input_ids.shape) if token_level else torch.zeros(len(rows))
+    for index, (example, logps, advantage) in enumerate(rows):
         start = len(example.input_ids) - len(logps)
         old[index, start:start + len(logps)] = torch.tensor(logps)
-    return RLBatch(batch, old, torch.tensor([row[2] for row in rows], dtype=torch.float32))
+        if token_level:
+            advantages[index, start:start + len(logps)] = torch.tensor(advantage)
+        else:
+            advantages[index] = advantage
+    return RLBatch(batch, old, advantages)
 
 
 class OnlineJob:
@@ -75,7 +83,7 @@ class OnlineJob:
         self.policy = ActorGroup(PolicyWorker, spec.resources.policy, name="policy",
                                  args=(spec.model, spec.algorithm, spec.trainer, self.total_steps, self.online))
         self.reference = None
-        if self.online.kl_coef > 0:
+        if self.online.kl_coef > 0:  # the reference only exists to price the KL
             self.reference = self.policy if spec.reference.mode == "policy" else ActorGroup(
                 ReferenceWorker, spec.resources.reference, name="reference", args=(spec.model, spec.reference.path))
         self.rollout = ActorGroup(RolloutWorker, spec.resources.rollout, name="rollout",
@@ -130,26 +138,28 @@ class OnlineJob:
         mark = time.perf_counter()
         result = self.rewards.score([s.text for s in samples], [records[s.request] for s in samples])
         rewards = torch.tensor(result.total, dtype=torch.float32)
-        if self.spec.algorithm.name == "grpo":
+        name = self.spec.algorithm.name
+        if name == "grpo":
             advantages = group_advantages(rewards, self.online.n, scale=self.online.advantage_scale)
-        else:
+        elif name == "rloo":
             advantages = rloo_advantages(rewards, self.online.n)
         groups = rewards.view(-1, self.online.n)
-        keep = ~(groups == groups[:, :1]).all(dim=1) if self.online.skip_equal_groups else torch.ones(
-            len(groups), dtype=torch.bool)
+        keep = ~(groups == groups[:, :1]).all(dim=1) if self.online.skip_equal_groups and name != "reinforce_pp" \
+            else torch.ones(len(groups), dtype=torch.bool)
         timings["reward_s"] = time.perf_counter() - mark
         values = {"train/reward": float(rewards.mean()), "train/reward_std": float(rewards.std()),
                   "train/groups_kept": float(keep.float().mean()),
                   "train/response_length": sum(s.length for s in samples) / len(samples),
                   "train/truncated": sum(s.finish_reason == "length" for s in samples) / len(samples)}
         values.update({f"train/reward_failures/{k}": float(v) for k, v in result.failures.items()})
-        rows = []
-        for sample, advantage in zip(samples, advantages.tolist(), strict=True):
-            if keep[sample.request]:
-                prompt = self.adapter.encode_prompt(requests[sample.request]["messages"],
-                                                    requests[sample.request]["images"])
-                (example,) = rl_examples(self.adapter, prompt, [sample])
-                rows.append((example, sample.logprobs, advantage))
+        prompts = [self.adapter.encode_prompt(r["messages"], r["images"]) for r in requests]
+        examples = [rl_examples(self.adapter, prompts[s.request], [s])[0] for s in samples]
+        if name == "reinforce_pp":
+            advantages = self.token_advantages(examples, samples, rewards)
+        else:
+            advantages = advantages.tolist()
+        rows = [(example, sample.logprobs, advantage) for example, sample, advantage
+                in zip(examples, samples, advantages, strict=True) if keep[sample.request]]
         if rows:
             mark = time.perf_counter()
             world = self.policy.world_size
@@ -159,7 +169,7 @@ class OnlineJob:
             shards = [[collate_rl(self.adapter, share[i:i + micro]) for i in range(0, len(share), micro)]
                       for share in shares]
             reference = [None] * world
-            if self.reference is not None:
+            if self.reference is not None and name != "reinforce_pp":  # reinforce_pp: the KL is in the reward
                 reference = [self.reference.get([self.reference.call(0, "logprobs", shard)])[0] for shard in shards]
             normaliser = float(sum(len(r[1]) for share in shares for r in share))
             results = self.policy.get(self.policy.map("train_step", shards, reference, [normaliser] * world))
@@ -184,6 +194,22 @@ class OnlineJob:
             self.checkpoints.save(self.step, lambda folder: self.policy.get(self.policy.broadcast(
                 "save", folder, {"epoch": 0, "position": 0, "spec": self.spec.model_dump()})))
         return values
+
+    def token_advantages(self, examples, samples, rewards) -> list[list[float]]:
+        """REINFORCE++: token rewards (the score on the last token, -kl_coef * k1 on each),
+        returns-to-go whitened over the whole batch; per sample, one value per token."""
+        from vlrlhf.losses.policy import kl_rewards, reinforce_pp_advantages
+
+        full = collate_rl(self.adapter, [(e, s.logprobs, 0.0) for e, s in zip(examples, samples, strict=True)])
+        mask = full.batch.loss_mask
+        if self.reference is not None:
+            ref = self.reference.get([self.reference.call(0, "logprobs", [full])])[0][0]
+        else:
+            ref = full.old_logps
+        token_rewards = kl_rewards(rewards, full.old_logps, ref, mask, self.online.kl_coef, "k1")
+        advantages = reinforce_pp_advantages(token_rewards, mask,
+                                             group_size=self.online.n if self.online.reinforce_baseline else None)
+        return [advantages[i][mask[i]].tolist() for i in range(len(samples))]
 
     def shutdown(self) -> None:
         for group in {id(g): g for g in (self.policy, self.reference, self.rollout) if g is not None}.values():

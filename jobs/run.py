@@ -42,7 +42,7 @@ def run_job(spec_path: str, overrides: list[str], run_dir: str | None = None) ->
         return 2
     folder = pathlib.Path(run_dir or pathlib.Path("runs") / spec.name).resolve()
     start_ray()
-    if spec.algorithm.name in ("grpo", "rloo"):
+    if spec.algorithm.name in ("grpo", "rloo", "reinforce_pp"):
         from jobs.online import run_online
 
         summary = run_online(spec, folder)

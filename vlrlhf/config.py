@@ -72,7 +72,7 @@ class MDPOSpec(Section):
 
 
 class AlgorithmSpec(Section):
-    name: Literal["sft", "dpo", "kto", "grpo", "rloo"]
+    name: Literal["sft", "dpo", "kto", "grpo", "rloo", "reinforce_pp"]
     loss_type: str | list[str] | dict[str, float] = "sigmoid"
     beta: float = Field(0.1, gt=0)
     label_smoothing: float = Field(0.0, ge=0, lt=1)
@@ -118,7 +118,8 @@ class OnlineSpec(Section):
     rewards: list[RewardTermSpec]
     clip_low: float = Field(0.2, ge=0)
     clip_high: float = Field(0.2, ge=0)  # > clip_low: DAPO's clip-higher
-    kl_coef: float = Field(0.0, ge=0)  # GRPO's KL in the loss (k3); 0: no reference needed
+    kl_coef: float = Field(0.0, ge=0)  # grpo/rloo: KL in the loss (k3); reinforce_pp: in the reward (k1)
+    reinforce_baseline: bool = False  # reinforce_pp: subtract the group mean (REINFORCE++-baseline)
     advantage_scale: Literal["group", "batch", "none"] = "group"  # GRPO std; none: Dr. GRPO
     skip_equal_groups: bool = True  # groups whose rewards are all equal carry no signal
 
@@ -210,9 +211,10 @@ class JobSpec(Section):
 
     @model_validator(mode="after")
     def _consistent(self):
-        online = self.algorithm.name in ("grpo", "rloo")
+        online = self.algorithm.name in ("grpo", "rloo", "reinforce_pp")
         if online != (self.online is not None):
-            raise ValueError("the online section is required by algorithm.name=grpo|rloo, and only by them")
+            raise ValueError("the online section is required by algorithm.name=grpo|rloo|reinforce_pp, and only "
+                             "by them")
         workers = max(self.resources.policy.num_workers, 1)
         if self.trainer.batch_size % workers:
             raise ValueError(f"trainer.batch_size={self.trainer.batch_size} must divide evenly over "

@@ -148,7 +148,7 @@ class RLBatch:
 
     batch: ModelBatch  # labels = the completion tokens
     old_logps: torch.Tensor  # (B, T) behaviour log-probs at the label positions, 0 elsewhere
-    advantages: torch.Tensor  # (B,) one per completion (outcome reward)
+    advantages: torch.Tensor  # (B,) one per completion, or (B, T) per token (REINFORCE++)
 
     def to(self, device) -> RLBatch:
         return RLBatch(self.batch.to(device), self.old_logps.to(device), self.advantages.to(device))
@@ -162,7 +162,7 @@ def rl_micro_step(adapter, model, rl: RLBatch, ref_logps: torch.Tensor | None, o
 
     logps = adapter.token_logprobs(model, rl.batch)
     mask = rl.batch.loss_mask
-    advantages = rl.advantages[:, None].expand_as(logps)
+    advantages = rl.advantages[:, None].expand_as(logps) if rl.advantages.dim() == 1 else rl.advantages
     out = ppo_policy_loss(logps, rl.old_logps, advantages, mask, clip_low=online.clip_low,
                           clip_high=online.clip_high, aggregation="seq-mean-token-sum")
     total = out.loss * len(rl.batch)  # the token sum

@@ -59,7 +59,7 @@ def test_samples_become_rows_with_labels_on_the_completion_only(tiny_path):
     assert all(len(v) == len(row.input_ids) for v in row.token_arrays.values())
 
 
-@pytest.mark.parametrize("algorithm", ["grpo", "rloo"])
+@pytest.mark.parametrize("algorithm", ["grpo", "rloo", "reinforce_pp"])
 def test_online_smoke_run(ray_cluster, tmp_path, algorithm):
     run_dir = tmp_path / "run"
     overrides = ["trainer.max_steps=2", f"algorithm.name={algorithm}", f"checkpoint.dir={tmp_path / 'ck'}",
@@ -72,3 +72,14 @@ def test_online_smoke_run(ray_cluster, tmp_path, algorithm):
     assert any("train/loss" in row and row["train/synced_tensors"] > 0 for row in steps)  # trained and synced
     assert (tmp_path / "ck" / "step-000002" / "model.safetensors").is_file()
     assert torch.load(tmp_path / "ck" / "step-000002" / "trainer_state.pt", weights_only=False)["step"] == 2
+
+
+def test_online_section_goes_with_the_online_algorithms():
+    from vlrlhf.config import SpecError, load_spec
+
+    with pytest.raises(SpecError, match="online section is required"):
+        load_spec(ROOT / "configs" / "demo_grpo.yaml", ["online=null"])
+    with pytest.raises(SpecError, match="online section is required"):
+        load_spec(ROOT / "configs" / "demo_grpo.yaml", ["algorithm.name=dpo"])
+    with pytest.raises(SpecError, match="online.n: Input should be greater than or equal to 2"):
+        load_spec(ROOT / "configs" / "demo_grpo.yaml", ["online.n=1"])
