@@ -75,20 +75,36 @@ def run_cli(*args, cwd=ROOT):
     return subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, timeout=300, cwd=cwd)
 
 
-@pytest.mark.parametrize("problem", ["unknown_key", "wrong_type", "missing_data", "no_weights"])
-def test_bad_spec_exits_2_with_one_message_and_no_ray(tmp_path, problem):
-    overrides = {"unknown_key": ["model.colour=red"], "wrong_type": ["trainer.epochs=two"],
-                 "missing_data": [f"data.train={tmp_path / 'nope.json'}"],
-                 "no_weights": [f"model.path={tmp_path}"]}[problem]
+MANY = """
+import contextlib, io, json, sys
+import ray
+from jobs.cli import main
+results = []
+for argv in json.loads(sys.argv[1]):
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):
+        rc = main(argv)
+    results.append({"rc": rc, "ray": ray.is_initialized(), "stderr": err.getvalue()})
+print("RESULTS " + json.dumps(results))
+"""
+
+
+def test_bad_spec_exits_2_with_one_message_and_no_ray(tmp_path):
+    """Four bad specs through the CLI in one interpreter (imports dominate a run's cost)."""
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "llava"}))
-    out = run_cli("run", str(minimal(tmp_path)), *overrides)
-    assert out.returncode == 2, out.stdout + out.stderr
-    assert "NO_RAY" in out.stdout
-    errors = [line for line in out.stderr.splitlines() if line.startswith("vlrlhf: error:")]
-    assert len(errors) == 1
-    expected = {"unknown_key": "model.colour: unknown key", "wrong_type": "trainer.epochs",
-                "missing_data": "nope.json does not exist", "no_weights": "no weights"}[problem]
-    assert expected in out.stderr
+    cases = {"unknown_key": (["model.colour=red"], "model.colour: unknown key"),
+             "wrong_type": (["trainer.epochs=two"], "trainer.epochs"),
+             "missing_data": ([f"data.train={tmp_path / 'nope.json'}"], "nope.json does not exist"),
+             "no_weights": ([f"model.path={tmp_path}"], "no weights")}
+    argvs = [["run", str(minimal(tmp_path)), *overrides] for overrides, _ in cases.values()]
+    out = subprocess.run([sys.executable, "-c", MANY, json.dumps(argvs)], capture_output=True, text=True,
+                         timeout=300, cwd=ROOT)
+    lines = [line for line in out.stdout.splitlines() if line.startswith("RESULTS ")]
+    assert lines, out.stderr[-3000:]
+    for (problem, (_, expected)), result in zip(cases.items(), json.loads(lines[0][len("RESULTS "):]), strict=True):
+        assert result["rc"] == 2 and not result["ray"], problem  # exit code 2, Ray never started
+        errors = [line for line in result["stderr"].splitlines() if line.startswith("vlrlhf: error:")]
+        assert len(errors) == 1 and expected in result["stderr"], (problem, result["stderr"])
 
 
 def test_config_show_and_schema(tmp_path):
