@@ -5,7 +5,10 @@
     metrics = group.get(refs)
 
 `num_workers: 0` runs the same class in the driver (no Ray): calls return values, and
-`breakpoint()` works. With workers, each gets one bundle of the group's placement
+`breakpoint()` works. Colocation (`resources.reference.colocate: policy`): the policy's
+bundles are made large enough for both roles and reference worker i joins bundle i,
+so both models share a GPU (or a node's CPUs) instead of needing their own.
+With workers, each gets one bundle of the group's placement
 group ({"CPU": cpus, "GPU": gpus}) and the workers join one torch.distributed group
 (gloo on CPU, nccl on GPU) with rank = bundle index.
 """
@@ -50,15 +53,28 @@ class WorkerBase:
     def ping(self) -> int:
         return self.rank
 
+    def placement(self) -> dict:
+        """Where this worker runs: its placement group and the resources it holds there
+        (Ray names bundle resources `CPU_group_<index>_<pg id>`)."""
+        import ray
+
+        context = ray.get_runtime_context()
+        return {"placement_group": context.get_placement_group_id(), "node": context.get_node_id(),
+                "resources": context.get_assigned_resources()}
+
 
 class ActorGroup:
+    """`reserve`: extra per-bundle resources for groups that will colocate on these bundles;
+    `share`: an existing group whose bundles this one's workers join (worker i on bundle i)."""
+
     def __init__(self, worker_class: type, resources: GroupSpec, *, name: str, args: tuple = (),
-                 kwargs: dict | None = None):
+                 kwargs: dict | None = None, reserve: dict | None = None, share: ActorGroup | None = None):
         self.name = name
         self.num_workers = resources.num_workers
         self.local = None
         self.actors: list = []
         self.placement_group = None
+        self.owns_placement = share is None
         kwargs = kwargs or {}
         if self.num_workers == 0:
             self.local = worker_class(*args, **kwargs)
@@ -68,14 +84,24 @@ class ActorGroup:
         from ray.util.placement_group import placement_group
         from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-        bundle = {"CPU": resources.cpus} | ({"GPU": resources.gpus} if resources.gpus else {})
-        self.placement_group = placement_group([dict(bundle) for _ in range(self.num_workers)],
-                                               strategy=resources.placement, name=f"vlrlhf-{name}")
-        try:
-            ray.get(self.placement_group.ready(), timeout=PLACEMENT_TIMEOUT_S)
-        except ray.exceptions.GetTimeoutError:
-            raise RuntimeError(f"resources.{name}: {self.num_workers} bundle(s) of {bundle} could not be placed "
-                               f"within {PLACEMENT_TIMEOUT_S}s; the cluster has {ray.cluster_resources()}") from None
+        if share is not None:  # colocated: the other group's bundles, which reserved room for these workers
+            if share.num_workers != self.num_workers or share.placement_group is None:
+                raise ValueError(f"resources.{name}: colocating needs {self.num_workers} worker(s) like "
+                                 f"resources.{share.name}, on Ray (num_workers >= 1)")
+            self.placement_group = share.placement_group
+        else:
+            bundle = {"CPU": resources.cpus} | ({"GPU": resources.gpus} if resources.gpus else {})
+            for key, value in (reserve or {}).items():
+                if value:
+                    bundle[key] = bundle.get(key, 0) + value
+            self.placement_group = placement_group([dict(bundle) for _ in range(self.num_workers)],
+                                                   strategy=resources.placement, name=f"vlrlhf-{name}")
+            try:
+                ray.get(self.placement_group.ready(), timeout=PLACEMENT_TIMEOUT_S)
+            except ray.exceptions.GetTimeoutError:
+                raise RuntimeError(f"resources.{name}: {self.num_workers} bundle(s) of {bundle} could not be "
+                                   f"placed within {PLACEMENT_TIMEOUT_S}s; the cluster has "
+                                   f"{ray.cluster_resources()}") from None
         remote = ray.remote(worker_class)
         for index in range(self.num_workers):
             strategy = PlacementGroupSchedulingStrategy(self.placement_group, placement_group_bundle_index=index)
@@ -127,7 +153,7 @@ class ActorGroup:
 
         for actor in self.actors:
             ray.kill(actor)
-        if self.placement_group is not None:
+        if self.placement_group is not None and self.owns_placement:
             ray.util.remove_placement_group(self.placement_group)
         self.actors = []
 

@@ -134,3 +134,17 @@ def plot_curves(metrics_path: pathlib.Path, out: pathlib.Path) -> pathlib.Path |
     figure.savefig(out, dpi=80)
     plt.close(figure)
     return out
+
+
+# ---------------------------------------------------------------- placement
+
+def colocation_reserve(spec: JobSpec, roles: tuple[str, ...]) -> dict[str, float]:
+    """Per-bundle resources the policy's placement group must add for the roles in `roles`
+    that colocate with it (their workers join the policy's bundles)."""
+    reserve = {"CPU": 0.0, "GPU": 0.0}
+    for role in roles:
+        group = getattr(spec.resources, role)
+        if group.colocate == "policy":
+            reserve["CPU"] += group.cpus
+            reserve["GPU"] += group.gpus
+    return reserve

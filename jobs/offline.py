@@ -23,7 +23,8 @@ from actors.group import ActorGroup
 from actors.policy import PolicyWorker
 from actors.reference import ReferenceWorker
 from jobs.checkpoints import open_checkpoints, resume_from
-from jobs.common import Tracker, normaliser_for, plot_curves, prepare_data, shard, split_shares
+from jobs.common import (Tracker, colocation_reserve, normaliser_for, plot_curves, prepare_data, shard,
+                         split_shares)
 from jobs.precompute import lookup, precompute_reference
 from vlrlhf.config import JobSpec
 from vlrlhf.data.pipeline import encoded_dataset, iter_encoded, ordered
@@ -50,8 +51,10 @@ class OfflineJob:
             raise ValueError(f"data.train has {len(self.data.train)} records, fewer than one batch "
                              f"(trainer.batch_size={trainer.batch_size})")
         self.total_steps = min(trainer.max_steps or math.inf, trainer.epochs * self.steps_per_epoch)
+        uses_reference = spec.algorithm.name != "sft" and spec.reference.mode in ("separate", "precomputed")
         self.policy = ActorGroup(PolicyWorker, spec.resources.policy, name="policy",
-                                 args=(spec.model, spec.algorithm, spec.trainer, self.total_steps))
+                                 args=(spec.model, spec.algorithm, spec.trainer, self.total_steps),
+                                 reserve=colocation_reserve(spec, ("reference",) if uses_reference else ()))
         self.reference = self._reference_group()
         self.precomputed = None
         if spec.reference.mode == "precomputed":  # one forward pass now, then the reference is released
@@ -70,8 +73,10 @@ class OfflineJob:
             return None
         if mode == "policy":
             return self.policy
-        return ActorGroup(ReferenceWorker, self.spec.resources.reference, name="reference",
-                          args=(self.spec.model, self.spec.reference.path))
+        resources = self.spec.resources.reference
+        return ActorGroup(ReferenceWorker, resources, name="reference",
+                          args=(self.spec.model, self.spec.reference.path),
+                          share=self.policy if resources.colocate else None)
 
     def reference_logps(self, items: list, shards: list) -> list:
         """ObjectRefs (or values, in-process) of the reference log-probs, one per policy worker."""

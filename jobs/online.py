@@ -30,7 +30,7 @@ from actors.policy import PolicyWorker
 from actors.reference import ReferenceWorker
 from actors.rollout import RolloutWorker, Sampling, sync_weights
 from jobs.checkpoints import open_checkpoints
-from jobs.common import Tracker, plot_curves
+from jobs.common import Tracker, colocation_reserve, plot_curves
 from vlrlhf.config import JobSpec
 from vlrlhf.data.images import load_image
 from vlrlhf.data.pipeline import ordered
@@ -80,16 +80,22 @@ class OnlineJob:
         self.rewards = RewardSet([RewardTerm(**term.model_dump()) for term in self.online.rewards])
         steps_per_epoch = max(1, len(self.records) // self.online.prompts_per_step)
         self.total_steps = min(spec.trainer.max_steps or 10**9, spec.trainer.epochs * steps_per_epoch)
+        separate_reference = self.online.kl_coef > 0 and spec.reference.mode != "policy"
+        roles = ("rollout",) + (("reference",) if separate_reference else ())
         self.policy = ActorGroup(PolicyWorker, spec.resources.policy, name="policy",
-                                 args=(spec.model, spec.algorithm, spec.trainer, self.total_steps, self.online))
+                                 args=(spec.model, spec.algorithm, spec.trainer, self.total_steps, self.online),
+                                 reserve=colocation_reserve(spec, roles))
         self.reference = None
         if self.online.kl_coef > 0:  # the reference only exists to price the KL
-            self.reference = self.policy if spec.reference.mode == "policy" else ActorGroup(
-                ReferenceWorker, spec.resources.reference, name="reference", args=(spec.model, spec.reference.path))
-        self.rollout = ActorGroup(RolloutWorker, spec.resources.rollout, name="rollout",
-                                  args=(self.online.engine, spec.model.path),
+            resources = spec.resources.reference
+            self.reference = self.policy if not separate_reference else ActorGroup(
+                ReferenceWorker, resources, name="reference", args=(spec.model, spec.reference.path),
+                share=self.policy if resources.colocate else None)
+        resources = spec.resources.rollout
+        self.rollout = ActorGroup(RolloutWorker, resources, name="rollout", args=(self.online.engine, spec.model.path),
                                   kwargs={"max_model_len": self.online.max_model_len}
-                                  if self.online.engine == "vllm" else {})
+                                  if self.online.engine == "vllm" else {},
+                                  share=self.policy if resources.colocate else None)
         self.checkpoints = open_checkpoints(spec.checkpoint.dir, spec.checkpoint.keep_last, run_dir / "staging")
         self.tracker = Tracker(spec, run_dir)
         self.step = 0

@@ -129,6 +129,7 @@ class GroupSpec(Section):
     gpus: float = Field(0.0, ge=0)  # per worker
     cpus: float = Field(1.0, ge=0)  # per worker
     placement: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = "PACK"
+    colocate: Literal["policy"] | None = None  # share the policy's bundles (worker i on bundle i)
 
 
 class ResourcesSpec(Section):
@@ -221,6 +222,13 @@ class JobSpec(Section):
                              f"resources.policy.num_workers={workers}")
         if self.algorithm.name == "kto" and self.trainer.batch_size // workers < 2:
             raise ValueError("algorithm.name=kto needs trainer.batch_size >= 2 per worker (KTO's KL reference point)")
+        for role in ("reference", "rollout"):
+            group = getattr(self.resources, role)
+            if group.colocate and (group.num_workers != self.resources.policy.num_workers or group.num_workers == 0):
+                raise ValueError(f"resources.{role}.colocate=policy needs num_workers equal to "
+                                 f"resources.policy.num_workers (>= 1), got {group.num_workers}")
+        if self.resources.policy.colocate:
+            raise ValueError("resources.policy.colocate: the policy owns the bundles others colocate on")
         if self.resources.reference.num_workers not in (0, self.resources.policy.num_workers):
             raise ValueError("resources.reference.num_workers must be 0 (in the driver) or equal to "
                              f"resources.policy.num_workers={self.resources.policy.num_workers}")

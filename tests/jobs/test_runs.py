@@ -32,6 +32,8 @@ def test_two_step_smoke_run_of_every_demo_spec(ray_cluster, tmp_path, config):
     overrides = ["trainer.max_steps=2", f"checkpoint.dir={directory}", "trainer.eval_every=0"]
     if config == "demo_sft.yaml":
         overrides.append("evaluation.limit=40")  # its evaluation section, on the first 40 benchmark rows
+    if config == "demo_dpo.yaml":  # a reference actor colocated on the policy's bundle
+        overrides += ["resources.policy.cpus=0.5", "resources.reference={num_workers: 1, cpus: 0.5, colocate: policy}"]
     code = run_job(str(ROOT / "configs" / config), overrides, run_dir=str(run_dir))
     assert code == 0
     assert sorted(train_losses(run_dir)) == [1, 2]
