@@ -20,7 +20,7 @@ import pathlib
 from collections import defaultdict
 
 from vlrlhf.data.reader import BadRecords
-from vlrlhf.eval.benchmarks.base import YES_NO_INSTRUCTION, Benchmark, Score, percent, prediction_of
+from vlrlhf.eval.benchmarks.base import Benchmark, Score, percent, prediction_of, yes_no_prompt
 from vlrlhf.eval.extract import yes_no
 from vlrlhf.eval.tsv import BenchItem, TSVError
 
@@ -53,7 +53,7 @@ class AMBER(Benchmark):
         return super().read(path, bad)
 
     def prompt(self, item) -> str:
-        return item.question if "yes or no" in item.question.lower() else f"{item.question} {YES_NO_INSTRUCTION}"
+        return yes_no_prompt(item)
 
     def score(self, items, predictions, judge=None) -> Score:
         details, groups = [], defaultdict(list)

@@ -48,6 +48,11 @@ class Benchmark:
         raise NotImplementedError
 
 
+def yes_no_prompt(item: BenchItem) -> str:
+    """The question, with the yes/no instruction unless it already asks for one."""
+    return item.question if "yes or no" in item.question.lower() else f"{item.question} {YES_NO_INSTRUCTION}"
+
+
 def options_block(item: BenchItem) -> str:
     return "\n".join(f"{letter}. {text}" for letter, text in item.options.items())
 

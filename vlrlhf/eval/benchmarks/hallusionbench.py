@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections import defaultdict
 
-from vlrlhf.eval.benchmarks.base import YES_NO_INSTRUCTION, Benchmark, Score, percent, prediction_of
+from vlrlhf.eval.benchmarks.base import Benchmark, Score, percent, prediction_of, yes_no_prompt
 from vlrlhf.eval.extract import yes_no
 
 TRUTH = {"1": "yes", "0": "no", "yes": "yes", "no": "no"}
@@ -29,7 +29,7 @@ class HallusionBench(Benchmark):
     needs_image = False  # some questions come without a figure
 
     def prompt(self, item) -> str:
-        return item.question if "yes or no" in item.question.lower() else f"{item.question} {YES_NO_INSTRUCTION}"
+        return yes_no_prompt(item)
 
     def score(self, items, predictions, judge=None) -> Score:
         details = []

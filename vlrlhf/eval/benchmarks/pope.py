@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections import defaultdict
 
-from vlrlhf.eval.benchmarks.base import YES_NO_INSTRUCTION, Benchmark, Score, percent, prediction_of
+from vlrlhf.eval.benchmarks.base import Benchmark, Score, percent, prediction_of, yes_no_prompt
 
 
 def pope_answer(text: str) -> str:
@@ -37,7 +37,7 @@ class POPE(Benchmark):
     files = ("POPE",)
 
     def prompt(self, item) -> str:
-        return item.question if "yes or no" in item.question.lower() else f"{item.question} {YES_NO_INSTRUCTION}"
+        return yes_no_prompt(item)
 
     def score(self, items, predictions, judge=None) -> Score:
         details, splits = [], defaultdict(list)
