@@ -23,7 +23,10 @@ from vlrlhf.config import AlgorithmSpec, ModelSpec, TrainerSpec
 from vlrlhf.models.base import LoadOptions
 from vlrlhf.models.registry import load_adapter
 from vlrlhf.data.pipeline import KTOBatch
-from vlrlhf.training import dpo_micro_step, kto_micro_step, move_pairs, rl_micro_step, sft_micro_step
+from vlrlhf.training import (dpo_micro_step, kto_micro_step, move_pairs, reward_micro_step, rl_micro_step,
+                             sft_micro_step)
+
+ONLINE = ("grpo", "rloo", "reinforce_pp", "ppo")
 
 
 def device() -> torch.device:
@@ -53,7 +56,7 @@ class PolicyWorker(WorkerBase):
     def __init__(self, model: ModelSpec, algorithm: AlgorithmSpec, trainer: TrainerSpec, total_steps: int,
                  online=None):
         torch.manual_seed(trainer.seed)
-        self.online = online  # OnlineSpec for grpo / rloo
+        self.online = online  # OnlineSpec of the online algorithms
         self.model_spec, self.algorithm, self.trainer = model, algorithm, trainer
         self.device = device()
         self.adapter = load_adapter(model.path, adapter=model.adapter, options=load_options(model))
@@ -69,7 +72,13 @@ class PolicyWorker(WorkerBase):
         if model.gradient_checkpointing:
             network.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         self.model = network.to(self.device).train()
+        self.head = None  # reward models: a scalar head on the VLM
+        if algorithm.name == "reward":
+            from vlrlhf.models.value_head import ScalarHead
+
+            self.head = ScalarHead.create(self.model)
         self.parameters = [p for p in self.model.parameters() if p.requires_grad]
+        self.parameters += list(self.head.parameters()) if self.head is not None else []
         self.optimizer = torch.optim.AdamW(self.parameters, lr=trainer.lr, weight_decay=trainer.weight_decay)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, schedule(trainer, total_steps))
         self.step = 0
@@ -97,8 +106,11 @@ class PolicyWorker(WorkerBase):
         name = self.algorithm.name
         if name == "sft":
             return sft_micro_step(self.adapter, self.model, micro.to(self.device), self.algorithm, normaliser)
-        if name in ("grpo", "rloo", "reinforce_pp"):
+        if name in ONLINE:
             return rl_micro_step(self.adapter, self.model, micro.to(self.device), reference, self.online, normaliser)
+        if name == "reward":
+            return reward_micro_step(self.adapter, self.model, self.head, move_pairs(micro, self.device),
+                                     self.algorithm, normaliser)
         if name == "dpo":
             return dpo_micro_step(self.adapter, self.model, move_pairs(micro, self.device), reference,
                                   self.algorithm, normaliser)
@@ -123,33 +135,13 @@ class PolicyWorker(WorkerBase):
             loss, metrics = self._micro_loss(micro, ref, normaliser)
             loss.backward()
             sums.append(metrics)
-        self._all_reduce_gradients()
-        grad_norm = self._clip()
+        all_reduce_gradients(self.parameters, self.world_size)
+        grad_norm = clip_gradients(self.parameters, self.trainer.max_grad_norm)
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
         return {"sums": sums, "grad_norm": grad_norm, "lr": self.scheduler.get_last_lr()[0]}
-
-    def _all_reduce_gradients(self) -> None:
-        if self.world_size == 1:
-            return
-        import torch.distributed as dist
-
-        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in self.parameters]
-        flat = torch.cat([g.reshape(-1) for g in grads])
-        dist.all_reduce(flat)
-        offset = 0
-        for parameter, grad in zip(self.parameters, grads, strict=True):
-            parameter.grad = flat[offset: offset + grad.numel()].view_as(parameter).clone()
-            offset += grad.numel()
-
-    def _clip(self) -> float:
-        if self.trainer.max_grad_norm is None:
-            grads = [p.grad for p in self.parameters if p.grad is not None]
-            return float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))) \
-                if grads else 0.0
-        return float(torch.nn.utils.clip_grad_norm_(self.parameters, self.trainer.max_grad_norm))
 
     @torch.no_grad()
     def evaluate(self, micro_batches: list, reference) -> dict:
@@ -192,6 +184,10 @@ class PolicyWorker(WorkerBase):
             return
         self.model.save_pretrained(out, state_dict=full_weights)
         self.adapter.processor.save_pretrained(out)
+        if self.head is not None:
+            from vlrlhf.models.value_head import save_head
+
+            save_head(self.head, out)
         torch.save(state, out / "trainer_state.pt")
 
     def load_state(self, folder: str) -> dict:
@@ -208,6 +204,10 @@ class PolicyWorker(WorkerBase):
         else:
             loaded = type(self.model).from_pretrained(out, dtype=next(self.model.parameters()).dtype)
             self.model.load_state_dict(loaded.state_dict())
+        if self.head is not None:
+            from vlrlhf.models.value_head import load_head
+
+            self.head.load_state_dict(load_head(out).state_dict())
         if self.deepspeed is None:
             self.optimizer.load_state_dict(state["optimizer"])
             self.scheduler.load_state_dict(state["scheduler"])
@@ -235,6 +235,23 @@ class PolicyWorker(WorkerBase):
         finally:
             self.model.unmerge_adapter()
 
+    def stage_weights(self) -> list:
+        """Rank 0, weight_sync=collective: take the sync state and return its manifest
+        [(name, shape, dtype)], which the engines need to receive the broadcast."""
+        self.outgoing = self.sync_state()
+        return [(name, list(t.shape), str(t.dtype).removeprefix("torch.")) for name, t in self.outgoing.items()]
+
+    def send_weights(self, host: str, port: int, world_size: int) -> int:
+        """Broadcast the staged tensors to the rollout workers (ranks 1..) of the weight group."""
+        from actors.rollout import weight_group
+
+        if getattr(self, "weight_group", None) is None:
+            self.weight_group = weight_group(host, port, 0, world_size)
+        for tensor in self.outgoing.values():
+            self.weight_group.broadcast(tensor.to(self.device).contiguous(), 0).wait()
+        sent, self.outgoing = len(self.outgoing), {}
+        return sent
+
     def trainable_state(self) -> dict:
         """name -> tensor of every trainable parameter (tests and weight sync)."""
         return {n: p.detach().cpu().clone() for n, p in self.model.named_parameters() if p.requires_grad}
@@ -251,3 +268,28 @@ def _set_rng_state(state: dict) -> None:
     torch.set_rng_state(state["torch"])
     np.random.set_state(state["numpy"])
     random.setstate(state["python"])
+
+
+def all_reduce_gradients(parameters: list, world_size: int) -> None:
+    """Sum the gradients over the data-parallel workers with one flat all-reduce (a missing
+    gradient counts as zeros: LLaVA leaves unused tower parameters)."""
+    if world_size == 1:
+        return
+    import torch.distributed as dist
+
+    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in parameters]
+    flat = torch.cat([g.reshape(-1) for g in grads])
+    dist.all_reduce(flat)
+    offset = 0
+    for parameter, grad in zip(parameters, grads, strict=True):
+        parameter.grad = flat[offset: offset + grad.numel()].view_as(parameter).clone()
+        offset += grad.numel()
+
+
+def clip_gradients(parameters: list, max_norm: float | None) -> float:
+    """Clip to max_norm (None: only measure); returns the total norm before clipping."""
+    if max_norm is None:
+        grads = [p.grad for p in parameters if p.grad is not None]
+        return float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))) \
+            if grads else 0.0
+    return float(torch.nn.utils.clip_grad_norm_(parameters, max_norm))

@@ -18,7 +18,9 @@ are checked against the adapter's (handing it pre-expanded token ids makes it ex
 the image tokens a second time).
 
 `RolloutWorker` is the role on an ActorGroup; `sync_weights(policy, rollout)` moves
-the policy's changed tensors to every engine through the object store.
+the policy's changed tensors to every engine through the object store, or by a
+gloo/NCCL broadcast from the policy's rank 0 (`online.weight_sync: collective`, the
+path across nodes). Colocated with the policy, an engine sleeps while it trains.
 """
 
 from __future__ import annotations
@@ -31,6 +33,8 @@ import torch
 
 from actors.group import WorkerBase, resolve
 from vlrlhf.models.base import LoadOptions
+
+WEIGHT_SYNC_TIMEOUT_S = 1800  # a broadcast waits for an engine still busy with an asynchronous rollout
 
 
 @dataclasses.dataclass
@@ -108,11 +112,23 @@ class TransformersEngine:
                 parameters[name].copy_(tensor.to(parameters[name].device, parameters[name].dtype))
         return len(named_tensors)
 
+    def sleep(self) -> dict:
+        """Move the weights off the GPU while a colocated policy trains (a no-op on CPU)."""
+        if self.device.type != "cuda":
+            return {"freed_bytes": 0}
+        before = torch.cuda.memory_allocated()
+        self.model.to("cpu")
+        torch.cuda.empty_cache()
+        return {"freed_bytes": before - torch.cuda.memory_allocated()}
+
+    def wake_up(self) -> None:
+        self.model.to(self.device)
+
 
 class VLLMEngine:
     def __init__(self, model_path: str, adapter: str | None = None, dtype: str = "float32",
                  max_model_len: int = 1024, tensor_parallel_size: int = 1, gpu_memory_utilization: float = 0.5,
-                 seed: int = 0):
+                 seed: int = 0, sleep_mode: bool = False):
         os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
         os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
         from vllm import LLM
@@ -124,6 +140,10 @@ class VLLMEngine:
         self.adapter = load_adapter(model_path, adapter=adapter)  # the training-side tokenisation
         self.names = skeleton(model_path)  # meta-device twin: maps training names to checkpoint names
         options = {"gpu_memory_utilization": gpu_memory_utilization} if torch.cuda.is_available() else {}
+        # colocated with the policy: sleep (weights to CPU, KV cache dropped) while it trains; CUDA only
+        self.sleep_mode = sleep_mode and torch.cuda.is_available()
+        if self.sleep_mode:
+            options["enable_sleep_mode"] = True
         # processed: log-softmax after temperature (and top-p), the distribution the tokens came from
         self.llm = LLM(model=model_path, dtype=dtype, enforce_eager=True, max_model_len=max_model_len, seed=seed,
                        tensor_parallel_size=tensor_parallel_size, logprobs_mode="processed_logprobs", **options)
@@ -171,12 +191,24 @@ class VLLMEngine:
         self.llm.reset_mm_cache()  # and the front-end's processed-image cache
         return len(items)
 
+    def sleep(self) -> dict:
+        if not self.sleep_mode:
+            return {"freed_bytes": 0}
+        before = torch.cuda.mem_get_info()[0]
+        self.llm.sleep(level=1)  # level 1 keeps a CPU copy of the weights: frozen towers survive
+        return {"freed_bytes": torch.cuda.mem_get_info()[0] - before}
+
+    def wake_up(self) -> None:
+        if self.sleep_mode:
+            self.llm.wake_up()
+
 
 class RolloutWorker(WorkerBase):
     """The rollout role on an ActorGroup: one engine per worker."""
 
     def __init__(self, engine: str, model_path: str, **options):
         self.engine = make_engine(engine, model_path, **options)
+        self.weight_group = None  # the collective group with the policy's rank 0 (weight_sync: collective)
 
     def generate(self, requests: list[dict], sampling: Sampling) -> list[Sample]:
         return self.engine.generate(requests, sampling)
@@ -186,13 +218,61 @@ class RolloutWorker(WorkerBase):
         loaded = self.engine.load_weights(resolve(named_tensors))
         return {"tensors": loaded, "seconds": time.perf_counter() - started}
 
+    def receive_weights(self, host: str, port: int, rank: int, world_size: int, manifest: list) -> dict:
+        """Receive the policy's tensors by broadcast from rank 0, then load them."""
+        started = time.perf_counter()
+        if self.weight_group is None:
+            self.weight_group = weight_group(host, port, rank, world_size)
+        on = "cuda" if torch.cuda.is_available() else "cpu"
+        received = {}
+        for name, shape, dtype in manifest:
+            tensor = torch.empty(shape, dtype=getattr(torch, dtype), device=on)
+            self.weight_group.broadcast(tensor, 0).wait()
+            received[name] = tensor
+        loaded = self.engine.load_weights(received)
+        return {"tensors": loaded, "seconds": time.perf_counter() - started}
 
-def sync_weights(policy, rollout) -> dict:
-    """Policy rank 0's changed tensors -> every rollout worker, through the object store
-    (one put, every engine reads the same object). Returns counts and the time taken."""
+    def sleep(self) -> dict:
+        """Free the accelerator while a colocated policy trains (a no-op on CPU)."""
+        return self.engine.sleep()
+
+    def wake_up(self) -> None:
+        self.engine.wake_up()
+
+
+def weight_group(host: str, port: int, rank: int, world_size: int):
+    """A process group of the policy's rank 0 (rank 0 here) and the rollout workers, apart
+    from the policy's own data-parallel group: gloo on CPU, NCCL on GPU."""
+    import datetime
+
+    import torch.distributed as dist
+
+    timeout = datetime.timedelta(seconds=WEIGHT_SYNC_TIMEOUT_S)
+    store = dist.TCPStore(host, port, world_size, is_master=rank == 0, timeout=timeout)
+    if torch.cuda.is_available():
+        return dist.ProcessGroupNCCL(store, rank, world_size)
+    return dist.ProcessGroupGloo(store, rank, world_size, timeout)
+
+
+def sync_weights(policy, rollout, method: str = "object_store") -> dict:
+    """Policy rank 0's changed tensors -> every rollout worker. object_store: one put,
+    every engine reads the same object; collective: a gloo/NCCL broadcast from policy rank 0
+    (both groups on Ray workers; the path across nodes). Returns counts and the time taken."""
     started = time.perf_counter()
-    state = policy.broadcast("sync_state")[0]  # an ObjectRef (a value in-process)
-    results = rollout.get(rollout.broadcast("load_weights", state))
+    if method == "collective" and policy.local is None and rollout.local is None:
+        if getattr(rollout, "weight_address", None) is None:
+            rollout.weight_address = policy.get([policy.call(0, "address")])[0]
+        host, port = rollout.weight_address
+        world = 1 + rollout.world_size
+        manifest = policy.get([policy.call(0, "stage_weights")])[0]
+        sent = policy.call(0, "send_weights", host, port, world)
+        received = [actor.receive_weights.remote(host, port, 1 + index, world, manifest)
+                    for index, actor in enumerate(rollout.actors)]
+        results = rollout.get(received)
+        policy.get([sent])
+    else:
+        state = policy.broadcast("sync_state")[0]  # an ObjectRef (a value in-process)
+        results = rollout.get(rollout.broadcast("load_weights", state))
     return {"tensors": results[0]["tensors"], "load_s": max(r["seconds"] for r in results),
             "sync_s": time.perf_counter() - started}
 

@@ -11,7 +11,7 @@ from vlrlhf.config import JobSpec
 from vlrlhf.data.pipeline import EncodeSettings, collate_items, split_records
 from vlrlhf.data.reader import BadRecords, read_records
 
-TASK_OF = {"sft": "sft", "dpo": "preference", "kto": "kto"}
+TASK_OF = {"sft": "sft", "dpo": "preference", "kto": "kto", "reward": "preference"}
 
 
 # ---------------------------------------------------------------- data

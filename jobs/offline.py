@@ -1,11 +1,12 @@
-"""Offline training driver: SFT, the DPO family and KTO.
+"""Offline training driver: SFT, the DPO family, KTO and reward models.
 
     batches (Ray Data, in seeded order) -> shard over policy workers
       -> reference.logprobs   (ObjectRefs, submitted one step ahead)
       -> policy.train_step    (micro-batches, gradient accumulation, all-reduce)
       -> log / eval / checkpoint
 
-SFT has no reference; DPO and KTO take it from a separate reference group, from the
+SFT and reward-model training (algorithm.name=reward: a scalar head, Bradley-Terry on
+preference pairs) have no reference; DPO and KTO take it from a separate reference group, from the
 policy with its LoRA adapters disabled, or not at all (reference-free loss types);
 DPO can also precompute it in a first pass (jobs.precompute) and release the group.
 """
@@ -32,6 +33,9 @@ from vlrlhf.models.registry import load_adapter
 from vlrlhf.training import finish_metrics
 
 
+NO_REFERENCE = ("sft", "reward")  # reward: Bradley-Terry on the reward model's own scores
+
+
 def chunks(iterable, size: int):
     """Lists of `size` items; an incomplete tail is dropped (it would change the batch size)."""
     iterator = iter(iterable)
@@ -51,7 +55,7 @@ class OfflineJob:
             raise ValueError(f"data.train has {len(self.data.train)} records, fewer than one batch "
                              f"(trainer.batch_size={trainer.batch_size})")
         self.total_steps = min(trainer.max_steps or math.inf, trainer.epochs * self.steps_per_epoch)
-        uses_reference = spec.algorithm.name != "sft" and spec.reference.mode in ("separate", "precomputed")
+        uses_reference = spec.algorithm.name not in NO_REFERENCE and spec.reference.mode in ("separate", "precomputed")
         self.policy = ActorGroup(PolicyWorker, spec.resources.policy, name="policy",
                                  args=(spec.model, spec.algorithm, spec.trainer, self.total_steps),
                                  reserve=colocation_reserve(spec, ("reference",) if uses_reference else ()))
@@ -69,7 +73,7 @@ class OfflineJob:
 
     def _reference_group(self):
         mode = self.spec.reference.mode
-        if self.spec.algorithm.name == "sft" or mode == "none":
+        if self.spec.algorithm.name in NO_REFERENCE or mode == "none":
             return None
         if mode == "policy":
             return self.policy

@@ -1,19 +1,23 @@
-"""Online RL driver: GRPO, RLOO and REINFORCE++.
+"""Online RL driver: PPO, GRPO, RLOO and REINFORCE++.
 
-    prompts (seeded order) -> rollout.generate         n samples per prompt, behaviour log-probs
-      -> rewards (rule functions, weighted)             per completion
-      -> reference token log-probs (when kl_coef > 0)
-      -> advantages: group-normalised (GRPO), leave-one-out (RLOO), or whitened returns of
-         token rewards with the KL in the reward (REINFORCE++)   vlrlhf.losses.policy
-      -> policy.train_step                              PPO-clip over every sample, one optimizer step
-      -> sync_weights(policy -> rollout)                the engine samples from the new policy
+    prompts (seeded order) -> rollout.generate            n samples per prompt, behaviour log-probs
+      -> in parallel: reward model scores, reference log-probs, critic values (PPO)
+         and, in the driver, the rule rewards (weighted)
+      -> advantages (vlrlhf.losses.policy):
+           grpo          group-normalised scores;  KL to the reference in the loss (k3)
+           rloo          leave-one-out scores;     KL in the loss (k3)
+           reinforce_pp  whitened returns of token rewards, KL in the reward (k1)
+           ppo           GAE over the critic's values, KL in the reward (k1), whitened
+      -> online.epochs x online.mini_batches optimizer steps of the policy (PPO-clip)
+         and, for PPO, of the critic (clipped value loss)
+      -> weight sync policy -> rollout (object store, or a gloo/NCCL broadcast)
       -> log, checkpoint
 
-One update per rollout batch (on-policy: the clip is a guard, ratio = 1 at the start
-of the step). Each stage is timed. Groups whose rewards are all equal carry no
-gradient with group baselines and are skipped when `online.skip_equal_groups`.
-Not built yet: PPO with a critic, a reward-model role, asynchronous (one-step-off)
-rollouts, collective (multi-node) weight broadcast.
+Each stage is timed (time/*). With `online.async_rollout` the rollout of step t+1 runs
+while step t trains (one step off-policy): its behaviour log-probs come from the
+weights before step t's update, and the PPO ratio pi/pi_behaviour (clipped) is the
+importance correction. Groups whose rewards are all equal carry no gradient with group
+baselines and are skipped when `online.skip_equal_groups` (grpo, rloo).
 """
 
 from __future__ import annotations
@@ -25,81 +29,91 @@ import time
 import torch
 from tqdm import tqdm
 
+from actors.critic import CriticWorker
 from actors.group import ActorGroup
 from actors.policy import PolicyWorker
 from actors.reference import ReferenceWorker
+from actors.reward import RewardModelWorker
 from actors.rollout import RolloutWorker, Sampling, sync_weights
 from jobs.checkpoints import open_checkpoints
 from jobs.common import Tracker, colocation_reserve, plot_curves
+from jobs.rows import Row, collate_rl, collate_values, padded, rl_example, scatter, scoring_batches, unpadded
 from vlrlhf.config import JobSpec
 from vlrlhf.data.images import load_image
 from vlrlhf.data.pipeline import ordered
 from vlrlhf.data.reader import BadRecords, read_records
-from vlrlhf.losses.policy import group_advantages, rloo_advantages
-from vlrlhf.models.batch import EncodedExample
+from vlrlhf.losses.policy import gae, group_advantages, kl_rewards, reinforce_pp_advantages, rloo_advantages, whiten
 from vlrlhf.models.registry import load_adapter
 from vlrlhf.rewards import RewardSet, RewardTerm
-from vlrlhf.training import RLBatch, finish_metrics
+from vlrlhf.training import finish_metrics
+
+GROUP_BASELINES = ("grpo", "rloo")
 
 
-def rl_examples(adapter, prompt: EncodedExample, samples) -> list[EncodedExample]:
-    """Prompt + completion rows; labels (and log-prob slots) on the completion tokens."""
-    rows = []
-    for sample in samples:
-        arrays = {name: values + [0] * sample.length for name, values in prompt.token_arrays.items()}
-        rows.append(EncodedExample(prompt.input_ids + sample.token_ids,
-                                   [-100] * len(prompt.input_ids) + sample.token_ids, arrays, prompt.extras))
-    return rows
-
-
-def collate_rl(adapter, rows: list[tuple]) -> RLBatch:
-    """rows: (example, behaviour log-probs, advantage: a float, or one per completion token)."""
-    batch = adapter.collate([row[0] for row in rows])
-    old = torch.zeros(batch.input_ids.shape, dtype=torch.float32)
-    token_level = bool(rows) and isinstance(rows[0][2], list)
-    advantages = torch.zeros(batch.input_ids.shape) if token_level else torch.zeros(len(rows))
-    for index, (example, logps, advantage) in enumerate(rows):
-        start = len(example.input_ids) - len(logps)
-        old[index, start:start + len(logps)] = torch.tensor(logps)
-        if token_level:
-            advantages[index, start:start + len(logps)] = torch.tensor(advantage)
-        else:
-            advantages[index] = advantage
-    return RLBatch(batch, old, advantages)
+def advantages_for(name: str, online, scores: torch.Tensor, rows: list[Row]):
+    """(advantages, returns or None) per row, over its completion tokens."""
+    old, mask = padded(rows, "logprobs")
+    if name in GROUP_BASELINES:
+        per_sample = group_advantages(scores, online.n, scale=online.advantage_scale) if name == "grpo" \
+            else rloo_advantages(scores, online.n)
+        return unpadded(per_sample[:, None].float() * mask, mask), None
+    ref = padded(rows, "ref_logprobs")[0] if rows[0].ref_logprobs is not None else old
+    token_rewards = kl_rewards(scores, old, ref, mask, online.kl_coef, "k1")
+    if name == "reinforce_pp":
+        group = online.n if online.reinforce_baseline else None
+        return unpadded(reinforce_pp_advantages(token_rewards, mask, group_size=group), mask), None
+    values = padded(rows, "values")[0]
+    advantages, returns = gae(token_rewards, values, mask, gamma=online.gamma, lam=online.lam)
+    return unpadded(whiten(advantages, mask), mask), unpadded(returns, mask)
 
 
 class OnlineJob:
     def __init__(self, spec: JobSpec, run_dir: pathlib.Path):
         self.spec, self.run_dir, self.online = spec, run_dir, spec.online
+        self.name = spec.algorithm.name
         run_dir.mkdir(parents=True, exist_ok=True)
         self.bad = BadRecords(spec.data.on_bad_record, run_dir / "quarantine.jsonl")
         self.records = read_records(spec.data.train, spec.data.format, options=spec.data.format_options, bad=self.bad)
         if not self.records:
             raise ValueError(f"data.train: no prompts in {spec.data.train}")
         self.adapter = load_adapter(spec.model.path, adapter=spec.model.adapter)
-        self.rewards = RewardSet([RewardTerm(**term.model_dump()) for term in self.online.rewards])
-        steps_per_epoch = max(1, len(self.records) // self.online.prompts_per_step)
+        online = self.online
+        self.rewards = RewardSet([RewardTerm(**t.model_dump()) for t in online.rewards]) if online.rewards else None
+        steps_per_epoch = max(1, len(self.records) // online.prompts_per_step)
         self.total_steps = min(spec.trainer.max_steps or 10**9, spec.trainer.epochs * steps_per_epoch)
-        separate_reference = self.online.kl_coef > 0 and spec.reference.mode != "policy"
-        roles = ("rollout",) + (("reference",) if separate_reference else ())
+        updates = self.total_steps * online.epochs * online.mini_batches  # optimizer steps, for the schedules
+        separate_reference = online.kl_coef > 0 and spec.reference.mode != "policy"
+        roles = ("rollout", "reward", "critic") + (("reference",) if separate_reference else ())
         self.policy = ActorGroup(PolicyWorker, spec.resources.policy, name="policy",
-                                 args=(spec.model, spec.algorithm, spec.trainer, self.total_steps, self.online),
+                                 args=(spec.model, spec.algorithm, spec.trainer, updates, online),
                                  reserve=colocation_reserve(spec, roles))
+        share = lambda role: self.policy if getattr(spec.resources, role).colocate else None  # noqa: E731
         self.reference = None
-        if self.online.kl_coef > 0:  # the reference only exists to price the KL
-            resources = spec.resources.reference
+        if online.kl_coef > 0:  # the reference only exists to price the KL
             self.reference = self.policy if not separate_reference else ActorGroup(
-                ReferenceWorker, resources, name="reference", args=(spec.model, spec.reference.path),
-                share=self.policy if resources.colocate else None)
-        resources = spec.resources.rollout
-        self.rollout = ActorGroup(RolloutWorker, resources, name="rollout", args=(self.online.engine, spec.model.path),
-                                  kwargs={"max_model_len": self.online.max_model_len}
-                                  if self.online.engine == "vllm" else {},
-                                  share=self.policy if resources.colocate else None)
+                ReferenceWorker, spec.resources.reference, name="reference", args=(spec.model, spec.reference.path),
+                share=share("reference"))
+        self.reward_model = None
+        if online.reward_model is not None:
+            self.reward_model = ActorGroup(RewardModelWorker, spec.resources.reward, name="reward",
+                                           args=(online.reward_model.path, spec.model.dtype,
+                                                 spec.trainer.micro_batch_size), share=share("reward"))
+        self.critic = None
+        if self.name == "ppo":
+            self.critic = ActorGroup(CriticWorker, spec.resources.critic, name="critic",
+                                     args=(spec.model, online.critic, spec.trainer, updates), share=share("critic"))
+        kwargs = {"max_model_len": online.max_model_len, "sleep_mode": bool(spec.resources.rollout.colocate)} \
+            if online.engine == "vllm" else {}
+        self.rollout = ActorGroup(RolloutWorker, spec.resources.rollout, name="rollout",
+                                  args=(online.engine, spec.model.path), kwargs=kwargs, share=share("rollout"))
+        self.colocated = bool(spec.resources.rollout.colocate)
         self.checkpoints = open_checkpoints(spec.checkpoint.dir, spec.checkpoint.keep_last, run_dir / "staging")
         self.tracker = Tracker(spec, run_dir)
+        self.sampling = Sampling(n=online.n, temperature=online.temperature, top_p=online.top_p,
+                                 max_tokens=online.max_tokens, seed=spec.trainer.seed)
         self.step = 0
 
+    # ------------------------------------------------------------------ prompts and rollouts
     def prompts(self):
         """Batches of prompt records, epoch after epoch, in the seeded order."""
         for epoch in itertools.count():
@@ -113,19 +127,30 @@ class OnlineJob:
                   for source in record.images]
         return {"messages": [m.model_dump() for m in record.prompt], "images": images}
 
+    def submit(self, records) -> tuple:
+        """Start a rollout (an ObjectRef with Ray workers; done at once in-process)."""
+        requests = [self.request(record) for record in records]
+        started = time.perf_counter()
+        return records, requests, self.rollout.broadcast("generate", requests, self.sampling)[0], started
+
+    # ------------------------------------------------------------------ the loop
     def run(self) -> dict:
-        online = self.online
-        sampling = Sampling(n=online.n, temperature=online.temperature, top_p=online.top_p,
-                            max_tokens=online.max_tokens, seed=self.spec.trainer.seed)
         progress = tqdm(total=self.total_steps, desc=self.spec.name, unit="step", dynamic_ncols=True)
-        last = {}
-        for records in self.prompts():
-            if self.step >= self.total_steps:
-                break
-            last = self.train_step(records, sampling, progress)
+        batches = self.prompts()
+        pending, last = self.submit(next(batches)), {}
+        while self.step < self.total_steps:
+            records, requests, ref, submitted = pending
+            mark = time.perf_counter()
+            samples = self.rollout.get([ref])[0]
+            timings = {"rollout_wait_s": time.perf_counter() - mark, "rollout_s": time.perf_counter() - submitted}
+            more = self.step + 1 < self.total_steps
+            if more and self.online.async_rollout:  # step t+1 samples from the weights step t starts with
+                pending = self.submit(next(batches))
+            last = self.train_step(records, requests, samples, timings, progress)
+            if more and not self.online.async_rollout:
+                pending = self.submit(next(batches))
         progress.close()
-        checkpoint = self.checkpoints.save(self.step, lambda folder: self.policy.get(
-            self.policy.broadcast("save", folder, {"epoch": 0, "position": 0, "spec": self.spec.model_dump()})))
+        checkpoint = self.checkpoints.save(self.step, self.save)
         self.tracker.close()
         plot = plot_curves(self.tracker.path, self.run_dir / "curves.png")
         summary = {"steps": self.step, "train": last, "checkpoint": str(checkpoint),
@@ -136,55 +161,42 @@ class OnlineJob:
         print(f"checkpoint: {checkpoint}")
         return summary
 
-    def train_step(self, records, sampling, progress) -> dict:
-        timings, started = {}, time.perf_counter()
-        requests = [self.request(record) for record in records]
-        samples = self.rollout.get(self.rollout.broadcast("generate", requests, sampling))[0]
-        timings["rollout_s"] = time.perf_counter() - started
-        mark = time.perf_counter()
-        result = self.rewards.score([s.text for s in samples], [records[s.request] for s in samples])
-        rewards = torch.tensor(result.total, dtype=torch.float32)
-        name = self.spec.algorithm.name
-        if name == "grpo":
-            advantages = group_advantages(rewards, self.online.n, scale=self.online.advantage_scale)
-        elif name == "rloo":
-            advantages = rloo_advantages(rewards, self.online.n)
-        groups = rewards.view(-1, self.online.n)
-        keep = ~(groups == groups[:, :1]).all(dim=1) if self.online.skip_equal_groups and name != "reinforce_pp" \
-            else torch.ones(len(groups), dtype=torch.bool)
-        timings["reward_s"] = time.perf_counter() - mark
-        values = {"train/reward": float(rewards.mean()), "train/reward_std": float(rewards.std()),
-                  "train/groups_kept": float(keep.float().mean()),
-                  "train/response_length": sum(s.length for s in samples) / len(samples),
-                  "train/truncated": sum(s.finish_reason == "length" for s in samples) / len(samples)}
-        values.update({f"train/reward_failures/{k}": float(v) for k, v in result.failures.items()})
+    def save(self, folder) -> None:
+        state = {"epoch": 0, "position": 0, "spec": self.spec.model_dump()}
+        self.policy.get(self.policy.broadcast("save", folder, state))
+        if self.critic is not None:  # the value model beside the policy: critic/ (HF folder + value head)
+            self.critic.get(self.critic.broadcast("save", str(pathlib.Path(folder) / "critic")))
+
+    def train_step(self, records, requests, samples, timings, progress) -> dict:
+        started = time.perf_counter() - timings["rollout_wait_s"]
         prompts = [self.adapter.encode_prompt(r["messages"], r["images"]) for r in requests]
-        examples = [rl_examples(self.adapter, prompts[s.request], [s])[0] for s in samples]
-        if name == "reinforce_pp":
-            advantages = self.token_advantages(examples, samples, rewards)
-        else:
-            advantages = advantages.tolist()
-        rows = [(example, sample.logprobs, advantage) for example, sample, advantage
-                in zip(examples, samples, advantages, strict=True) if keep[sample.request]]
+        rows = [Row(rl_example(prompts[s.request], s.token_ids), s.request, s.logprobs) for s in samples]
+        mark = time.perf_counter()
+        scores, values = self.score(records, requests, samples, rows)
+        timings["score_s"] = time.perf_counter() - mark
+        groups = scores.view(-1, self.online.n)
+        keep = torch.ones(len(groups), dtype=torch.bool)
+        if self.online.skip_equal_groups and self.name in GROUP_BASELINES:
+            keep = ~(groups == groups[:, :1]).all(dim=1)
+        advantages, returns = advantages_for(self.name, self.online, scores, rows)
+        for index, row in enumerate(rows):
+            row.advantages = advantages[index]
+            row.returns = returns[index] if returns is not None else None
+        values.update({"train/reward": float(scores.mean()), "train/reward_std": float(scores.std()),
+                       "train/groups_kept": float(keep.float().mean()),
+                       "train/response_length": sum(s.length for s in samples) / len(samples),
+                       "train/truncated": sum(s.finish_reason == "length" for s in samples) / len(samples)})
+        rows = [row for row in rows if keep[row.request]]
         if rows:
             mark = time.perf_counter()
-            world = self.policy.world_size
-            per_worker = max(1, len(rows) // world)
-            micro = self.spec.trainer.micro_batch_size
-            shares = [rows[w * per_worker:(w + 1) * per_worker] for w in range(world)]
-            shards = [[collate_rl(self.adapter, share[i:i + micro]) for i in range(0, len(share), micro)]
-                      for share in shares]
-            reference = [None] * world
-            if self.reference is not None and name != "reinforce_pp":  # reinforce_pp: the KL is in the reward
-                reference = [self.reference.get([self.reference.call(0, "logprobs", shard)])[0] for shard in shards]
-            normaliser = float(sum(len(r[1]) for share in shares for r in share))
-            results = self.policy.get(self.policy.map("train_step", shards, reference, [normaliser] * world))
+            if self.colocated:
+                self.rollout.get(self.rollout.broadcast("sleep"))
+            values.update(self.update(rows))
             timings["train_s"] = time.perf_counter() - mark
-            metrics = finish_metrics([s for r in results for s in r["sums"]])
-            values.update({f"train/{k}": v for k, v in metrics.items() if k not in ("examples", "tokens")})
-            values["train/grad_norm"] = results[0]["grad_norm"]
             mark = time.perf_counter()
-            sync = sync_weights(self.policy, self.rollout)
+            if self.colocated:
+                self.rollout.get(self.rollout.broadcast("wake_up"))
+            sync = sync_weights(self.policy, self.rollout, self.online.weight_sync)
             timings["sync_s"] = time.perf_counter() - mark
             values["train/synced_tensors"] = float(sync["tensors"])
         self.step += 1
@@ -197,28 +209,90 @@ class OnlineJob:
                                                                    for k, v in values.items()), flush=True)
         self.tracker.log(self.step, values)
         if self.spec.checkpoint.every and self.step % self.spec.checkpoint.every == 0:
-            self.checkpoints.save(self.step, lambda folder: self.policy.get(self.policy.broadcast(
-                "save", folder, {"epoch": 0, "position": 0, "spec": self.spec.model_dump()})))
+            self.checkpoints.save(self.step, self.save)
         return values
 
-    def token_advantages(self, examples, samples, rewards) -> list[list[float]]:
-        """REINFORCE++: token rewards (the score on the last token, -kl_coef * k1 on each),
-        returns-to-go whitened over the whole batch; per sample, one value per token."""
-        from vlrlhf.losses.policy import kl_rewards, reinforce_pp_advantages
-
-        full = collate_rl(self.adapter, [(e, s.logprobs, 0.0) for e, s in zip(examples, samples, strict=True)])
-        mask = full.batch.loss_mask
+    def score(self, records, requests, samples, rows) -> tuple[torch.Tensor, dict]:
+        """Sequence scores (N,) (rule rewards + reward model); fills the rows' reference
+        log-probs and critic values. The remote parts run at the same time."""
+        micro = self.spec.trainer.micro_batch_size
+        batches = scoring_batches(self.adapter, rows, micro)
+        model_scores = reference = critic = None
+        if self.reward_model is not None:
+            items = [requests[s.request] | {"completion": s.text} for s in samples]
+            model_scores = self.spread(self.reward_model, "score", items)
         if self.reference is not None:
-            ref = self.reference.get([self.reference.call(0, "logprobs", [full])])[0][0]
-        else:
-            ref = full.old_logps
-        token_rewards = kl_rewards(rewards, full.old_logps, ref, mask, self.online.kl_coef, "k1")
-        advantages = reinforce_pp_advantages(token_rewards, mask,
-                                             group_size=self.online.n if self.online.reinforce_baseline else None)
-        return [advantages[i][mask[i]].tolist() for i in range(len(samples))]
+            reference = self.spread(self.reference, "logprobs", batches)
+        if self.critic is not None:
+            critic = self.spread(self.critic, "values", batches)
+        metrics, total = {}, torch.zeros(len(samples))
+        if self.rewards is not None:
+            result = self.rewards.score([s.text for s in samples], [records[s.request] for s in samples])
+            total += torch.tensor(result.total, dtype=torch.float32)
+            metrics.update({f"train/reward_failures/{k}": float(v) for k, v in result.failures.items()})
+        if model_scores is not None:
+            scored = torch.tensor(self.gather(self.reward_model, model_scores), dtype=torch.float32)
+            metrics["train/reward_model"] = float(scored.mean())
+            total += self.online.reward_model.weight * scored
+        if reference is not None:
+            for row, logps in zip(rows, scatter(self.gather(self.reference, reference), batches), strict=True):
+                row.ref_logprobs = logps
+        if critic is not None:
+            for row, value in zip(rows, scatter(self.gather(self.critic, critic), batches), strict=True):
+                row.values = value
+        return total, metrics
+
+    def spread(self, group, method: str, items: list) -> list:
+        """Split `items` over the group's workers; one call each (ObjectRefs, or values in-process)."""
+        world = group.world_size
+        size = -(-len(items) // world)
+        return [group.call(w, method, items[w * size:(w + 1) * size]) for w in range(world)
+                if items[w * size:(w + 1) * size]]
+
+    @staticmethod
+    def gather(group, calls: list) -> list:
+        return [item for part in group.get(calls) for item in part]
+
+    def update(self, rows: list[Row]) -> dict:
+        """online.epochs passes over online.mini_batches mini-batches: one optimizer step of the
+        policy (and critic) each, shards over the workers, micro-batches within."""
+        generator = torch.Generator().manual_seed(self.spec.trainer.seed * 1000 + self.step)
+        policy_sums, critic_sums, grad_norms = [], [], []
+        for _ in range(self.online.epochs):
+            order = torch.randperm(len(rows), generator=generator).tolist()
+            size = -(-len(rows) // self.online.mini_batches)
+            for start in range(0, len(rows), size):
+                mini = [rows[i] for i in order[start:start + size]]
+                tokens = float(sum(len(row.logprobs) for row in mini))
+                shards = self.shards(self.policy, mini, self.collate_policy)
+                policy = self.policy.map("train_step", shards, [None] * len(shards), [tokens] * len(shards))
+                critic = []
+                if self.critic is not None:
+                    shards = self.shards(self.critic, mini, collate_values)
+                    critic = self.critic.map("train_step", shards, [tokens] * len(shards))
+                results = self.policy.get(policy)
+                policy_sums += [s for r in results for s in r["sums"]]
+                grad_norms.append(results[0]["grad_norm"])
+                if critic:
+                    critic_sums += [s for r in self.critic.get(critic) for s in r["sums"]]
+        out = {f"train/{k}": v for k, v in finish_metrics(policy_sums).items() if k not in ("examples", "tokens")}
+        out["train/grad_norm"] = sum(grad_norms) / len(grad_norms)
+        out.update({f"critic/{k}": v for k, v in finish_metrics(critic_sums).items() if k != "examples"})
+        return out
+
+    def collate_policy(self, adapter, rows: list[Row]):
+        return collate_rl(adapter, rows, with_reference=self.name in GROUP_BASELINES)  # else the KL is in the reward
+
+    def shards(self, group, rows: list[Row], collate) -> list[list]:
+        """Rows split evenly over the group's workers, as micro-batches (a worker may get none)."""
+        world, micro = group.world_size, self.spec.trainer.micro_batch_size
+        size = -(-len(rows) // world)
+        shares = [rows[w * size:(w + 1) * size] for w in range(world)]
+        return [[collate(self.adapter, share[i:i + micro]) for i in range(0, len(share), micro)] for share in shares]
 
     def shutdown(self) -> None:
-        for group in {id(g): g for g in (self.policy, self.reference, self.rollout) if g is not None}.values():
+        groups = (self.policy, self.reference, self.rollout, self.reward_model, self.critic)
+        for group in {id(g): g for g in groups if g is not None}.values():
             group.shutdown()
 
 

@@ -10,7 +10,7 @@ import os
 import pathlib
 import sys
 
-from vlrlhf.config import SpecError, check_inputs, load_spec
+from vlrlhf.config import ONLINE_ALGORITHMS, SpecError, check_inputs, load_spec
 
 RAY_DEFAULTS = {"RAY_USAGE_STATS_ENABLED": "0", "TOKENIZERS_PARALLELISM": "false"}
 
@@ -42,7 +42,7 @@ def run_job(spec_path: str, overrides: list[str], run_dir: str | None = None) ->
         return 2
     folder = pathlib.Path(run_dir or pathlib.Path("runs") / spec.name).resolve()
     start_ray()
-    if spec.algorithm.name in ("grpo", "rloo", "reinforce_pp"):
+    if spec.algorithm.name in ONLINE_ALGORITHMS:
         from jobs.online import run_online
 
         summary = run_online(spec, folder)

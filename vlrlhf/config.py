@@ -72,7 +72,7 @@ class MDPOSpec(Section):
 
 
 class AlgorithmSpec(Section):
-    name: Literal["sft", "dpo", "kto", "grpo", "rloo", "reinforce_pp"]
+    name: Literal["sft", "dpo", "kto", "reward", "grpo", "rloo", "reinforce_pp", "ppo"]
     loss_type: str | list[str] | dict[str, float] = "sigmoid"
     beta: float = Field(0.1, gt=0)
     label_smoothing: float = Field(0.0, ge=0, lt=1)
@@ -82,6 +82,7 @@ class AlgorithmSpec(Section):
     sft_aggregation: Literal["token-mean", "seq-mean-token-mean", "seq-mean-token-sum"] = "token-mean"
     ddpo_gamma: float | None = Field(None, gt=0)  # DDPO: corrected tokens weigh gamma (RLHF-V: 5)
     mdpo: MDPOSpec | None = None
+    center_coef: float = Field(0.0, ge=0)  # reward: coef * (r_chosen + r_rejected)^2 keeps scores centred
 
     @model_validator(mode="after")
     def _known_loss_types(self):
@@ -105,8 +106,24 @@ class RewardTermSpec(Section):
     fallback: float = 0.0
 
 
+class RewardModelSpec(Section):
+    path: str  # a checkpoint of algorithm.name=reward (HF folder + value_head.safetensors)
+    weight: float = 1.0
+
+
+class CriticSpec(Section):
+    """PPO's value model: a VLM with a scalar head and its own optimizer."""
+
+    path: str | None = None  # default: model.path; a reward model's folder brings its trained head
+    lr: float = Field(1e-5, gt=0)
+    value_clip: float | None = Field(0.2, gt=0)  # None: the plain squared error
+
+
+ONLINE_ALGORITHMS = ("grpo", "rloo", "reinforce_pp", "ppo")
+
+
 class OnlineSpec(Section):
-    """Online RL (grpo, rloo): sampling, rewards and the policy-gradient update."""
+    """Online RL (ppo, grpo, rloo, reinforce_pp): sampling, rewards and the policy-gradient update."""
 
     engine: Literal["transformers", "vllm"] = "transformers"
     n: int = Field(4, ge=2)  # samples per prompt (the group)
@@ -115,13 +132,27 @@ class OnlineSpec(Section):
     max_tokens: int = Field(32, gt=0)
     max_model_len: int = Field(1024, gt=0)  # vLLM
     prompts_per_step: int = Field(8, gt=0)
-    rewards: list[RewardTermSpec]
+    rewards: list[RewardTermSpec] = []  # rule functions, weighted; and/or a reward model
+    reward_model: RewardModelSpec | None = None
     clip_low: float = Field(0.2, ge=0)
     clip_high: float = Field(0.2, ge=0)  # > clip_low: DAPO's clip-higher
-    kl_coef: float = Field(0.0, ge=0)  # grpo/rloo: KL in the loss (k3); reinforce_pp: in the reward (k1)
+    kl_coef: float = Field(0.0, ge=0)  # grpo/rloo: KL in the loss (k3); reinforce_pp/ppo: in the reward (k1)
     reinforce_baseline: bool = False  # reinforce_pp: subtract the group mean (REINFORCE++-baseline)
     advantage_scale: Literal["group", "batch", "none"] = "group"  # GRPO std; none: Dr. GRPO
     skip_equal_groups: bool = True  # groups whose rewards are all equal carry no signal
+    epochs: int = Field(1, gt=0)  # passes over each rollout batch
+    mini_batches: int = Field(1, gt=0)  # optimizer steps per pass
+    gamma: float = Field(1.0, ge=0, le=1)  # ppo: GAE discount
+    lam: float = Field(0.95, ge=0, le=1)  # ppo: GAE lambda
+    critic: CriticSpec = CriticSpec()  # ppo
+    async_rollout: bool = False  # one step off: rollout t+1 overlaps training step t
+    weight_sync: Literal["object_store", "collective"] = "object_store"  # collective: gloo/NCCL broadcast
+
+    @model_validator(mode="after")
+    def _some_reward(self):
+        if not self.rewards and self.reward_model is None:
+            raise ValueError("online needs rewards (functions) or a reward_model, or both")
+        return self
 
 
 class GroupSpec(Section):
@@ -136,6 +167,8 @@ class ResourcesSpec(Section):
     policy: GroupSpec = GroupSpec()
     reference: GroupSpec = GroupSpec(num_workers=0)
     rollout: GroupSpec = GroupSpec(num_workers=0)
+    reward: GroupSpec = GroupSpec(num_workers=0)  # the reward model (online.reward_model)
+    critic: GroupSpec = GroupSpec(num_workers=0)  # ppo
 
 
 class ReferenceSpec(Section):
@@ -212,17 +245,22 @@ class JobSpec(Section):
 
     @model_validator(mode="after")
     def _consistent(self):
-        online = self.algorithm.name in ("grpo", "rloo", "reinforce_pp")
+        online = self.algorithm.name in ONLINE_ALGORITHMS
         if online != (self.online is not None):
-            raise ValueError("the online section is required by algorithm.name=grpo|rloo|reinforce_pp, and only "
-                             "by them")
+            raise ValueError("the online section is required by algorithm.name=ppo|grpo|rloo|reinforce_pp, and "
+                             "only by them")
+        if self.algorithm.name == "reward" and self.trainer.strategy != "ddp":
+            raise ValueError("algorithm.name=reward trains with trainer.strategy=ddp (the scalar head sits "
+                             "outside a DeepSpeed engine)")
+        if online and self.trainer.strategy != "ddp" and self.online.weight_sync == "collective":
+            raise ValueError("online.weight_sync=collective needs trainer.strategy=ddp")
         workers = max(self.resources.policy.num_workers, 1)
         if self.trainer.batch_size % workers:
             raise ValueError(f"trainer.batch_size={self.trainer.batch_size} must divide evenly over "
                              f"resources.policy.num_workers={workers}")
         if self.algorithm.name == "kto" and self.trainer.batch_size // workers < 2:
             raise ValueError("algorithm.name=kto needs trainer.batch_size >= 2 per worker (KTO's KL reference point)")
-        for role in ("reference", "rollout"):
+        for role in ("reference", "rollout", "reward", "critic"):
             group = getattr(self.resources, role)
             if group.colocate and (group.num_workers != self.resources.policy.num_workers or group.num_workers == 0):
                 raise ValueError(f"resources.{role}.colocate=policy needs num_workers equal to "
@@ -235,7 +273,8 @@ class JobSpec(Section):
         if self.reference.mode == "precomputed" and self.algorithm.name != "dpo":
             raise ValueError("reference.mode=precomputed is for algorithm.name=dpo (KTO's KL pairs change with "
                              "the data order; SFT has no reference)")
-        if self.reference.mode == "policy" and self.model.lora is None and self.algorithm.name != "sft":
+        if self.reference.mode == "policy" and self.model.lora is None and self.algorithm.name not in ("sft",
+                                                                                                        "reward"):
             raise ValueError("reference.mode=policy needs model.lora (the reference is the policy with its "
                              "adapters disabled); use reference.mode=separate for full fine-tuning")
         return self
@@ -317,6 +356,11 @@ def load_spec(path: str | pathlib.Path, overrides: list[str] = ()) -> JobSpec:
     spec.data.image_root = _resolve(spec.data.image_root, base_for("data.image_root")) or str(
         pathlib.Path(spec.data.train[0]).parent)
     spec.reference.path = _resolve(spec.reference.path, base_for("reference.path"))
+    if spec.online is not None:
+        if spec.online.reward_model is not None:
+            spec.online.reward_model.path = _resolve(spec.online.reward_model.path,
+                                                     base_for("online.reward_model.path"))
+        spec.online.critic.path = _resolve(spec.online.critic.path, base_for("online.critic.path"))
     spec.checkpoint.dir = _resolve(spec.checkpoint.dir, pathlib.Path.cwd())
     spec.tracking.dir = _resolve(spec.tracking.dir, pathlib.Path.cwd())
     if spec.evaluation is not None:

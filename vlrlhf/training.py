@@ -148,18 +148,22 @@ class RLBatch:
 
     batch: ModelBatch  # labels = the completion tokens
     old_logps: torch.Tensor  # (B, T) behaviour log-probs at the label positions, 0 elsewhere
-    advantages: torch.Tensor  # (B,) one per completion, or (B, T) per token (REINFORCE++)
+    advantages: torch.Tensor  # (B,) one per completion, or (B, T) per token at the label positions
+    ref_logps: torch.Tensor | None = None  # (B, T) reference log-probs, for a KL in the loss (GRPO, RLOO)
 
     def to(self, device) -> RLBatch:
-        return RLBatch(self.batch.to(device), self.old_logps.to(device), self.advantages.to(device))
+        return RLBatch(self.batch.to(device), self.old_logps.to(device), self.advantages.to(device),
+                       None if self.ref_logps is None else self.ref_logps.to(device))
 
 
 def rl_micro_step(adapter, model, rl: RLBatch, ref_logps: torch.Tensor | None, online,
                   normaliser: float) -> tuple[torch.Tensor, dict[str, float]]:
-    """PPO-clip surrogate (+ kl_coef * k3 KL to the reference) summed over completion tokens,
-    divided by the global completion-token count `normaliser` (token-mean over the step)."""
+    """PPO-clip surrogate (+ kl_coef * k3 KL to the reference, when reference log-probs are
+    given here or in the batch) summed over completion tokens, divided by the global
+    completion-token count `normaliser` (token-mean over the step)."""
     from vlrlhf.losses.policy import kl_estimate, ppo_policy_loss
 
+    ref_logps = ref_logps if ref_logps is not None else rl.ref_logps
     logps = adapter.token_logprobs(model, rl.batch)
     mask = rl.batch.loss_mask
     advantages = rl.advantages[:, None].expand_as(logps) if rl.advantages.dim() == 1 else rl.advantages
@@ -168,10 +172,56 @@ def rl_micro_step(adapter, model, rl: RLBatch, ref_logps: torch.Tensor | None, o
     total = out.loss * len(rl.batch)  # the token sum
     metrics = {"policy_loss_sum": float(total.detach()), "tokens": float(mask.sum()),
                "clip_fraction_sum": float(out.clip_fraction) * float(mask.sum()),
-               "count": float(mask.sum())}
+               "ratio_sum": float((torch.exp(logps.detach() - rl.old_logps) * mask).sum()),
+               "approx_kl_sum": float(out.approx_kl) * float(mask.sum()), "count": float(mask.sum())}
     if ref_logps is not None and online.kl_coef > 0:
         kl = (kl_estimate(logps, ref_logps.to(logps.device), "k3") * mask).sum()
         total = total + online.kl_coef * kl
         metrics["kl_sum"] = float(kl.detach())
     metrics["loss_sum"] = float(total.detach())
     return total / normaliser, metrics
+
+
+@dataclasses.dataclass
+class ValueBatch:
+    """Prompt + completion rows for a critic step (PPO)."""
+
+    batch: ModelBatch  # labels = the completion tokens
+    old_values: torch.Tensor  # (B, T) the critic's values at rollout time, at the label positions
+    returns: torch.Tensor  # (B, T) GAE returns, the regression targets
+
+    def to(self, device) -> ValueBatch:
+        return ValueBatch(self.batch.to(device), self.old_values.to(device), self.returns.to(device))
+
+
+def value_micro_step(adapter, model, head, vb: ValueBatch, clip: float | None,
+                     normaliser: float) -> tuple[torch.Tensor, dict[str, float]]:
+    """PPO's clipped value loss summed over completion tokens / the global token count."""
+    from vlrlhf.losses.policy import value_loss
+    from vlrlhf.models.value_head import token_values
+
+    values = token_values(adapter, model, head, vb.batch)
+    mask = vb.batch.loss_mask
+    out = value_loss(values, vb.old_values, vb.returns, mask, clip=clip)
+    tokens = float(mask.sum())
+    total = out.loss * tokens
+    error = ((values.detach() - vb.returns) * mask).pow(2).sum()
+    return total / normaliser, {"value_loss_sum": float(total.detach()), "count": tokens,
+                                "value_clip_fraction_sum": float(out.clip_fraction) * tokens,
+                                "value_mse_sum": float(error), "value_sum": float((values.detach() * mask).sum())}
+
+
+def reward_micro_step(adapter, model, head, pairs: PairBatch, algorithm: AlgorithmSpec,
+                      normaliser: float) -> tuple[torch.Tensor, dict[str, float]]:
+    """Reward-model training: Bradley-Terry on the scores at each row's last real token."""
+    from vlrlhf.losses.preference import bradley_terry_loss
+    from vlrlhf.models.value_head import last_token_scores
+
+    chosen = last_token_scores(adapter, model, head, pairs.chosen)
+    rejected = last_token_scores(adapter, model, head, pairs.rejected)
+    losses = bradley_terry_loss(chosen, rejected, center_coef=algorithm.center_coef)
+    margin = (chosen - rejected).detach()
+    return losses.sum() / normaliser, {
+        "loss_sum": float(losses.detach().sum()), "count": len(margin),
+        "reward_accuracy_sum": float((margin > 0).float().sum()), "reward_margin_sum": float(margin.sum()),
+        "chosen_reward_sum": float(chosen.detach().sum()), "rejected_reward_sum": float(rejected.detach().sum())}

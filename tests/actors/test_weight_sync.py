@@ -29,9 +29,20 @@ def test_rollout_follows_the_policy_after_sync(ray_cluster, pairs, tmp_path, lor
         before = rollout.get(rollout.broadcast("generate", requests, GREEDY))[0]
         shards = shard(items, 1, 8, adapter)
         policy.get(policy.map("train_step", shards, [ReferenceWorker(model).logprobs(shards[0])], [8.0]))
-        stats = sync_weights(policy, rollout)
+        # on Ray the tensors go by gloo broadcast from the policy's rank 0; in-process through the object store
+        stats = sync_weights(policy, rollout, "collective" if on_ray else "object_store")
         after = rollout.get(rollout.broadcast("generate", requests, GREEDY))[0]
         policy.get(policy.broadcast("save", str(tmp_path / "ck"), {"epoch": 0, "position": 8}))
+        if on_ray:  # a second update, through the object store this time, and a second collective one
+            for method in ("object_store", "collective"):
+                policy.get(policy.map("train_step", shards, [ReferenceWorker(model).logprobs(shards[0])], [8.0]))
+                sync_weights(policy, rollout, method)
+                again = rollout.get(rollout.broadcast("generate", requests, GREEDY))[0]
+                policy.get(policy.broadcast("save", str(tmp_path / method), {"epoch": 0, "position": 8}))
+                oracle = TransformersEngine(str(tmp_path / method)).generate(requests, GREEDY)
+                assert [s.token_ids for s in again] == [s.token_ids for s in oracle]
+                assert max(abs(a - b) for x, y in zip(again, oracle, strict=True)
+                           for a, b in zip(x.logprobs, y.logprobs, strict=True)) < 1e-4
     finally:
         policy.shutdown()
         rollout.shutdown()

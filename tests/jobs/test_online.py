@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from actors.rollout import Sample, Sampling, TransformersEngine
-from jobs.online import collate_rl, rl_examples
+from jobs.rows import Row, collate_rl, rl_example
 from jobs.run import run_job
 from tests.actors.rollout_check import request
 from vlrlhf.config import OnlineSpec
@@ -25,8 +25,8 @@ def test_rl_micro_step_at_ratio_one_is_the_token_weighted_advantage(tiny_path):
     prompt = engine.adapter.encode_prompt(req["messages"], req["images"])
     samples = engine.generate([req], Sampling(n=3, temperature=1.0, max_tokens=5, seed=1))
     advantages = [1.0, -0.5, 2.0]
-    rows = [(example, sample.logprobs, a) for example, sample, a in
-            zip(rl_examples(engine.adapter, prompt, samples), samples, advantages, strict=True)]
+    rows = [Row(rl_example(prompt, s.token_ids), 0, s.logprobs, advantages=[a] * s.length)
+            for s, a in zip(samples, advantages, strict=True)]
     batch = collate_rl(engine.adapter, rows)
     lengths = [s.length for s in samples]
     online = OnlineSpec(rewards=[{"function": "exact_match"}], kl_coef=0.5)
@@ -52,10 +52,12 @@ def test_samples_become_rows_with_labels_on_the_completion_only(tiny_path):
     req = request("blue")
     prompt = engine.adapter.encode_prompt(req["messages"], req["images"])
     sample = Sample(0, [5, 6, 7], [-0.1, -0.2, -0.3], "length", "")
-    (row,) = rl_examples(engine.adapter, prompt, [sample])
-    batch = collate_rl(engine.adapter, [(row, sample.logprobs, 1.0)])
+    row = rl_example(prompt, sample.token_ids)
+    batch = collate_rl(engine.adapter, [Row(row, 0, sample.logprobs, advantages=[1.0, 2.0, 3.0])])
     assert batch.batch.loss_mask[0].nonzero().flatten().tolist() == [len(prompt.input_ids) + i for i in range(3)]
     assert batch.old_logps[0, len(prompt.input_ids):].tolist() == pytest.approx([-0.1, -0.2, -0.3])
+    assert batch.advantages[0, len(prompt.input_ids):].tolist() == [1.0, 2.0, 3.0]
+    assert float(batch.advantages.abs().sum()) == 6.0 and batch.ref_logps is None  # nothing off the completion
     assert all(len(v) == len(row.input_ids) for v in row.token_arrays.values())
 
 
@@ -83,3 +85,87 @@ def test_online_section_goes_with_the_online_algorithms():
         load_spec(ROOT / "configs" / "demo_grpo.yaml", ["algorithm.name=dpo"])
     with pytest.raises(SpecError, match="online.n: Input should be greater than or equal to 2"):
         load_spec(ROOT / "configs" / "demo_grpo.yaml", ["online.n=1"])
+
+
+def brute_gae(rewards, values, gamma, lam):
+    """GAE over one completion, written out: A_t = sum_k (gamma lam)^k delta_{t+k}."""
+    n = len(rewards)
+    deltas = [rewards[t] + gamma * (values[t + 1] if t + 1 < n else 0.0) - values[t] for t in range(n)]
+    return [sum((gamma * lam) ** k * deltas[t + k] for k in range(n - t)) for t in range(n)]
+
+
+def test_ppo_advantages_are_whitened_gae_of_kl_shaped_rewards():
+    from jobs.online import advantages_for
+
+    online = OnlineSpec(rewards=[{"function": "exact_match"}], n=2, kl_coef=0.1, gamma=0.9, lam=0.8)
+    rows = [Row(None, 0, [-0.5, -1.0, -0.2], ref_logprobs=[-0.7, -0.9, -0.2], values=[0.1, 0.2, 0.3]),
+            Row(None, 0, [-2.0, -0.1], ref_logprobs=[-1.0, -0.3], values=[-0.4, 0.5])]
+    scores = torch.tensor([1.0, -0.5])
+    advantages, returns = advantages_for("ppo", online, scores, rows)
+    raw, targets = [], []
+    for row, score in zip(rows, scores.tolist(), strict=True):
+        rewards = [-0.1 * (lp - ref) for lp, ref in zip(row.logprobs, row.ref_logprobs, strict=True)]  # -beta k1
+        rewards[-1] += score  # the sequence score on the last token
+        gae = brute_gae(rewards, row.values, 0.9, 0.8)
+        raw.append(gae)
+        targets.append([a + v for a, v in zip(gae, row.values, strict=True)])
+    flat = torch.tensor([a for r in raw for a in r], dtype=torch.float64)
+    whitened = ((flat - flat.mean()) / flat.std(unbiased=False)).tolist()
+    assert [a for r in advantages for a in r] == pytest.approx(whitened, abs=1e-4)
+    assert returns == [pytest.approx(t, abs=1e-5) for t in targets]
+    # GRPO: the group-normalised score on every token of the completion, no returns
+    grpo, none = advantages_for("grpo", online, scores, rows)
+    # mean 0.25; unbiased std of {1, -0.5}: sqrt(2 * 0.75^2 / 1) = sqrt(1.125)
+    assert none is None and grpo[0] == pytest.approx([0.75 / math.sqrt(1.125)] * 3, abs=1e-4)
+    assert grpo[1] == pytest.approx([-0.75 / math.sqrt(1.125)] * 2, abs=1e-4)
+
+
+def reward_model_folder(tiny_path, tmp_path) -> pathlib.Path:
+    import shutil
+
+    from vlrlhf.models.registry import load_adapter
+    from vlrlhf.models.value_head import ScalarHead, save_head
+
+    folder = tmp_path / "rm"
+    shutil.copytree(tiny_path("llava"), folder)
+    torch.manual_seed(0)
+    save_head(ScalarHead.create(load_adapter(folder).load_model()), folder)
+    return folder
+
+
+@pytest.mark.parametrize("variant", ["ppo", "ppo_reward_model"])
+def test_ppo_smoke_run(ray_cluster, tmp_path, tiny_path, variant):
+    run_dir = tmp_path / "run"
+    overrides = ["trainer.max_steps=2", f"checkpoint.dir={tmp_path / 'ck'}", "online.prompts_per_step=4"]
+    if variant == "ppo_reward_model":  # the reward model alone prices the completions
+        overrides += ["online.rewards=[]", f"online.reward_model={{path: {reward_model_folder(tiny_path, tmp_path)}}}"]
+    assert run_job(str(ROOT / "configs" / "demo_ppo.yaml"), overrides, run_dir=str(run_dir)) == 0
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    steps = [row for row in rows if "train/reward" in row]
+    assert [row["step"] for row in steps] == [1, 2]
+    for row in steps:
+        assert row["train/synced_tensors"] > 0 and math.isfinite(row["critic/value_loss"])
+        assert row["time/score_s"] > 0 and row["time/train_s"] > 0
+    if variant == "ppo_reward_model":
+        assert all(row["train/reward"] == pytest.approx(row["train/reward_model"]) for row in steps)
+        assert len({row["train/reward"] for row in steps}) == 2  # real, varying scores
+    ck = tmp_path / "ck" / "step-000002"
+    assert (ck / "model.safetensors").is_file() and (ck / "critic" / "value_head.safetensors").is_file()
+
+
+def test_async_rollouts_are_one_step_off_and_weights_travel_by_broadcast(ray_cluster, tmp_path):
+    """Policy and rollout on Ray workers; weights by gloo broadcast. Step 1 trains on samples of
+    the weights it starts from (ratio 1); step 2's samples were drawn before step 1's update."""
+    run_dir = tmp_path / "run"
+    overrides = ["trainer.max_steps=3", f"checkpoint.dir={tmp_path / 'ck'}", "online.prompts_per_step=4",
+                 "online.mini_batches=1", "online.async_rollout=true", "online.weight_sync=collective",
+                 "trainer.lr=1e-3", "resources.policy={num_workers: 1, cpus: 0.5}",
+                 "resources.rollout={num_workers: 1, cpus: 0.5}"]
+    assert run_job(str(ROOT / "configs" / "demo_ppo.yaml"), overrides, run_dir=str(run_dir)) == 0
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    steps = [row for row in rows if "train/reward" in row]
+    assert [row["step"] for row in steps] == [1, 2, 3]
+    assert steps[0]["train/ratio"] == pytest.approx(1.0, abs=1e-3)
+    assert steps[0]["train/approx_kl"] < 1e-4
+    assert steps[1]["train/approx_kl"] > 10 * steps[0]["train/approx_kl"]  # off by one update
+    assert all(row["train/synced_tensors"] > 0 for row in steps)

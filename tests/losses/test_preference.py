@@ -248,3 +248,23 @@ def test_no_nan_or_inf_at_extremes(loss_type, dtype):
     out.losses.sum().backward()
     assert torch.isfinite(pc.grad).all()
     assert pr.grad is None if loss_type == "sft" else torch.isfinite(pr.grad).all()
+
+
+def test_bradley_terry_written_out():
+    from vlrlhf.losses.preference import bradley_terry_loss
+
+    chosen, rejected = torch.tensor([1.0, 0.0, 3.0]), torch.tensor([0.0, 2.0, 3.0])
+    expected = [math.log(1 + math.exp(-1.0)), math.log(1 + math.exp(2.0)), math.log(2.0)]
+    assert bradley_terry_loss(chosen, rejected).tolist() == pytest.approx(expected, abs=1e-6)
+    margin = torch.tensor([0.5, 0.0, -1.0])  # Llama 2: the pair must win by the margin
+    expected_margin = [math.log(1 + math.exp(-0.5)), expected[1], math.log(1 + math.exp(-1.0))]
+    assert bradley_terry_loss(chosen, rejected, margin).tolist() == pytest.approx(expected_margin, abs=1e-6)
+    centred = bradley_terry_loss(chosen, rejected, center_coef=0.1)
+    assert (centred - bradley_terry_loss(chosen, rejected)).tolist() == pytest.approx([0.1, 0.4, 3.6], abs=1e-5)
+    # only the difference matters without centring; the gradient is sigmoid(-d) for chosen
+    scores = torch.tensor([0.3, -0.2], requires_grad=True)
+    bradley_terry_loss(scores[:1], scores[1:]).sum().backward()
+    assert scores.grad.tolist() == pytest.approx([-torch.sigmoid(torch.tensor(-0.5)).item(),
+                                                  torch.sigmoid(torch.tensor(-0.5)).item()], abs=1e-6)
+    with pytest.raises(ValueError, match="shape"):
+        bradley_terry_loss(chosen, rejected[:2])

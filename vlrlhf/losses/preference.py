@@ -306,3 +306,22 @@ def kto_loss(policy_logps: torch.Tensor, ref_logps: torch.Tensor, is_desirable: 
     losses = torch.where(desirable, desirable_weight * (1 - torch.sigmoid(beta * (r - z_ref))),
                          undesirable_weight * (1 - torch.sigmoid(beta * (z_ref - r))))
     return KTOOutput(losses, (beta * r).detach(), z_ref)
+
+
+def bradley_terry_loss(chosen_scores: torch.Tensor, rejected_scores: torch.Tensor, margin: torch.Tensor | None = None,
+                       center_coef: float = 0.0) -> torch.Tensor:
+    """Reward-model loss (Bradley & Terry 1952; Ouyang+ 2022), (B,) per pair:
+
+        -log sigmoid(r_c - r_r - m) + center_coef * (r_c + r_r)^2
+
+    m: an optional (B,) preference margin (Llama 2); the centring term (Eisenstein+ 2023)
+    keeps scores near zero, since the loss only sees their differences.
+    """
+    _check_inputs({"chosen_scores": chosen_scores, "rejected_scores": rejected_scores, "margin": margin})
+    difference = upcast(chosen_scores) - upcast(rejected_scores)
+    if margin is not None:
+        difference = difference - upcast(margin)
+    losses = -F.logsigmoid(difference)
+    if center_coef:
+        losses = losses + center_coef * (upcast(chosen_scores) + upcast(rejected_scores)) ** 2
+    return losses

@@ -1,0 +1,78 @@
+"""The critic role (PPO): a VLM with a scalar value head and its own optimizer.
+
+    critic = ActorGroup(CriticWorker, spec.resources.critic, name="critic", args=(...))
+    values = critic.get([critic.call(0, "values", micro_batches)])[0]   # (B, T) per micro-batch
+    critic.map("train_step", shards, [normaliser] * world)              # one optimizer step
+
+The critic starts from `online.critic.path` (default: the policy's model.path); a reward
+model folder brings its trained head, otherwise the head is fresh. V(s_t) is read at
+position t - 1, aligned with each generated token's log-prob (vlrlhf.models.value_head).
+Data parallelism as the policy's: full replicas, one all-reduce of the gradients.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from actors.group import WorkerBase
+from actors.policy import all_reduce_gradients, clip_gradients, device, load_options, schedule
+from vlrlhf.config import ModelSpec, TrainerSpec
+from vlrlhf.models.registry import load_adapter
+from vlrlhf.models.value_head import load_head, save_head, token_values
+from vlrlhf.training import ValueBatch, value_micro_step
+
+
+class CriticWorker(WorkerBase):
+    def __init__(self, model: ModelSpec, critic, trainer: TrainerSpec, total_steps: int):
+        torch.manual_seed(trainer.seed + 1)
+        path = critic.path or model.path
+        self.critic, self.trainer, self.device = critic, trainer, device()
+        self.adapter = load_adapter(path, adapter=model.adapter, options=load_options(model))
+        network = self.adapter.load_model(load_options(model))
+        if model.freeze_vision:
+            self.adapter.freeze_vision(network)
+        if model.gradient_checkpointing:
+            network.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        self.model = network.to(self.device).train()
+        self.head = load_head(path, self.model).to(self.device)
+        self.parameters = [p for p in self.model.parameters() if p.requires_grad] + list(self.head.parameters())
+        self.optimizer = torch.optim.AdamW(self.parameters, lr=critic.lr, weight_decay=trainer.weight_decay)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, schedule(trainer, total_steps))
+
+    def setup_distributed(self, master, port, rank, world_size):
+        import torch.distributed as dist
+
+        super().setup_distributed(master, port, rank, world_size)
+        if world_size > 1:
+            for parameter in self.parameters:
+                dist.broadcast(parameter.data, src=0)
+
+    @torch.no_grad()
+    def values(self, micro_batches: list) -> list[torch.Tensor]:
+        """(B, T) values per micro-batch (RLBatch or ModelBatch), on the CPU."""
+        self.model.eval()
+        try:
+            return [token_values(self.adapter, self.model, self.head,
+                                 getattr(micro, "batch", micro).to(self.device)).cpu() for micro in micro_batches]
+        finally:
+            self.model.train()
+
+    def train_step(self, micro_batches: list[ValueBatch], normaliser: float) -> dict:
+        sums = []
+        for micro in micro_batches:
+            loss, metrics = value_micro_step(self.adapter, self.model, self.head, micro.to(self.device),
+                                             self.critic.value_clip, normaliser)
+            loss.backward()
+            sums.append(metrics)
+        all_reduce_gradients(self.parameters, self.world_size)
+        grad_norm = clip_gradients(self.parameters, self.trainer.max_grad_norm)
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return {"sums": sums, "grad_norm": grad_norm}
+
+    def save(self, folder: str) -> None:
+        if self.rank == 0:
+            self.model.save_pretrained(folder)
+            self.adapter.processor.save_pretrained(folder)
+            save_head(self.head, folder)

@@ -1,0 +1,53 @@
+"""The reward role: a reward model (a VLM with a scalar head) scoring completions.
+
+    group = ActorGroup(RewardModelWorker, spec.resources.reward, name="reward", args=(path,))
+    scores = group.get(group.broadcast("score", items))[0]   # one float per item
+
+An item is the prompt chat, its images and a completion's text. The worker encodes
+them with its own adapter, so a reward model of another family (or tokenizer) than
+the policy works; the score is read at the last non-pad token (vlrlhf.models.value_head).
+Rule-based rewards (exact match, numeric, format...) are plain functions run by the
+driver (vlrlhf.rewards); this role is for models.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from actors.group import WorkerBase
+from actors.policy import device
+from vlrlhf.models.base import LoadOptions
+from vlrlhf.models.registry import load_adapter
+from vlrlhf.models.value_head import has_head, last_token_scores, load_head
+
+
+class RewardModelWorker(WorkerBase):
+    def __init__(self, path: str, dtype: str = "float32", micro_batch_size: int = 8):
+        if not has_head(path):
+            raise FileNotFoundError(f"reward model {path}: no value_head.safetensors; train one with "
+                                    "algorithm.name=reward")
+        self.device = device()
+        options = LoadOptions(dtype=dtype)
+        self.adapter = load_adapter(path, options=options)
+        self.model = self.adapter.load_model(options).to(self.device).eval()
+        self.head = load_head(path).to(self.device).eval()
+        self.micro_batch_size = micro_batch_size
+        self.path = path
+
+    @torch.no_grad()
+    def score(self, items: list[dict]) -> list[float]:
+        """items: {"messages": prompt chat, "images": [...], "completion": text} -> scores."""
+        examples = []
+        for index, item in enumerate(items):
+            messages = list(item["messages"]) + [{"role": "assistant", "content": item["completion"]}]
+            examples.append(self.adapter.encode(messages, item.get("images") or [], record=f"reward item {index}"))
+        scores = []
+        for start in range(0, len(examples), self.micro_batch_size):
+            batch = self.adapter.collate(examples[start:start + self.micro_batch_size]).to(self.device)
+            scores.extend(last_token_scores(self.adapter, self.model, self.head, batch).tolist())
+        bad = [i for i, value in enumerate(scores) if not math.isfinite(value)]
+        if bad:
+            raise ValueError(f"reward model {self.path}: non-finite score for item(s) {bad[:5]}")
+        return scores

@@ -1,0 +1,98 @@
+"""Rollout rows: one sampled completion with everything the updates need, and their batches.
+
+A Row holds per-token lists over the completion's tokens (behaviour log-probs,
+reference log-probs, critic values, advantages, returns). `padded` stacks a field into
+a completion-only (N, L) tensor for the advantage maths (vlrlhf.losses.policy);
+`collate_rl` / `collate_values` place the lists at the label positions of a padded
+prompt + completion batch for the policy and critic forwards.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+
+from vlrlhf.models.batch import EncodedExample
+from vlrlhf.training import RLBatch, ValueBatch
+
+
+@dataclasses.dataclass
+class Row:
+    example: EncodedExample  # prompt + completion ids; labels on the completion
+    request: int  # index of the prompt in the step
+    logprobs: list[float]  # behaviour log-prob of each completion token
+    ref_logprobs: list[float] | None = None
+    values: list[float] | None = None  # critic V(s_t) (PPO)
+    advantages: list[float] | None = None
+    returns: list[float] | None = None  # GAE targets of the critic (PPO)
+
+
+def rl_example(prompt: EncodedExample, token_ids: list[int]) -> EncodedExample:
+    """Prompt + completion; labels (and log-prob slots) on the completion tokens."""
+    arrays = {name: values + [0] * len(token_ids) for name, values in prompt.token_arrays.items()}
+    return EncodedExample(prompt.input_ids + token_ids, [-100] * len(prompt.input_ids) + token_ids, arrays,
+                          prompt.extras)
+
+
+def padded(rows: list[Row], field: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """(N, L) float tensor of a per-token field (0 past each completion) and its (N, L) bool mask."""
+    length = max((len(r.logprobs) for r in rows), default=0)
+    out = torch.zeros(len(rows), max(length, 1))
+    mask = torch.zeros(len(rows), max(length, 1), dtype=torch.bool)
+    for index, row in enumerate(rows):
+        values = getattr(row, field)
+        out[index, :len(values)] = torch.tensor(values, dtype=torch.float32)
+        mask[index, :len(row.logprobs)] = True
+    return out, mask
+
+
+def unpadded(values: torch.Tensor, mask: torch.Tensor) -> list[list[float]]:
+    return [values[i][mask[i]].tolist() for i in range(values.shape[0])]
+
+
+def at_labels(adapter, rows: list[Row], **fields: str) -> tuple:
+    """The padded batch of `rows` and, per name=row field, a (B, T) tensor holding the
+    field's values at the label positions (0 elsewhere)."""
+    batch = adapter.collate([row.example for row in rows])
+    out = []
+    for field in fields.values():
+        tensor = torch.zeros(batch.input_ids.shape, dtype=torch.float32)
+        for index, row in enumerate(rows):
+            values = getattr(row, field)
+            start = len(row.example.input_ids) - len(row.logprobs)
+            tensor[index, start:start + len(values)] = torch.tensor(values, dtype=torch.float32)
+        out.append(tensor)
+    return batch, *out
+
+
+def collate_rl(adapter, rows: list[Row], with_reference: bool = True) -> RLBatch:
+    """The policy's batch; `with_reference`: carry the rows' reference log-probs for a KL in the loss."""
+    with_reference = with_reference and rows[0].ref_logprobs is not None
+    fields = {"old": "logprobs", "advantages": "advantages"} | ({"ref": "ref_logprobs"} if with_reference else {})
+    batch, old, advantages, *ref = at_labels(adapter, rows, **fields)
+    return RLBatch(batch, old, advantages, ref[0] if ref else None)
+
+
+def collate_values(adapter, rows: list[Row]) -> ValueBatch:
+    batch, old_values, returns = at_labels(adapter, rows, old="values", returns="returns")
+    return ValueBatch(batch, old_values, returns)
+
+
+def scoring_batches(adapter, rows: list[Row], micro_batch_size: int) -> list[RLBatch]:
+    """Micro-batches for reference log-probs and critic values (no advantages yet)."""
+    out = []
+    for start in range(0, len(rows), micro_batch_size):
+        chunk = rows[start:start + micro_batch_size]
+        batch, old = at_labels(adapter, chunk, old="logprobs")
+        out.append(RLBatch(batch, old, torch.zeros_like(old)))
+    return out
+
+
+def scatter(per_batch: list[torch.Tensor], batches: list[RLBatch]) -> list[list[float]]:
+    """(B, T) results of `scoring_batches` -> one list per row over its completion tokens."""
+    out = []
+    for values, rl in zip(per_batch, batches, strict=True):
+        mask = rl.batch.loss_mask
+        out.extend(values[i][mask[i]].tolist() for i in range(values.shape[0]))
+    return out
