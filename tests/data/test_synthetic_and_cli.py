@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import filecmp
+import io
 import pathlib
-import subprocess
-import sys
+import types
 
 import numpy as np
 from PIL import Image
@@ -57,10 +58,16 @@ def test_test_split_uses_other_images_and_every_format_reads():
 
 
 def run_cli(*args):
-    return subprocess.run([sys.executable, "-m", "jobs.cli", *args], capture_output=True, text=True, timeout=600)
+    """`vlrlhf ARGS` in this process (the console script itself is tested in tests/test_cli.py)."""
+    from jobs.cli import main
+
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        code = main(list(args))
+    return types.SimpleNamespace(returncode=code, stdout=out.getvalue(), stderr=err.getvalue())
 
 
-def test_data_synth_and_check_commands(tmp_path, tiny_path):
+def test_data_synth_and_check_commands(ray_cluster, tmp_path, tiny_path):
     out = run_cli("data", "synth", "preference", str(tmp_path / "d"), "--num-train", "12", "--num-test", "2")
     assert out.returncode == 0, out.stderr
     path = tmp_path / "d" / "preference.json"

@@ -62,6 +62,10 @@ def unwrap(model):
     return model.get_base_model() if hasattr(model, "get_base_model") else model
 
 
+PLACEHOLDER_KEYS = ("image_token_id", "image_token_index", "video_token_id", "vision_start_token_id",
+                    "vision_end_token_id")
+
+
 class Adapter:
     """Base adapter for families whose processor has a chat template.
 
@@ -258,6 +262,23 @@ class Adapter:
         prefix = next(name for name, module in model.named_modules() if module is decoder)
         return [f"{prefix}.{name}" for name, module in decoder.named_modules()
                 if isinstance(module, torch.nn.Linear)]
+
+    def placeholder_token_ids(self) -> list[int]:
+        """Image/video placeholder ids: a sampled completion must never hold one (the training
+        forward would find more image tokens than image features). Rollouts ban them."""
+        ids = set()
+        for config in (self.config, getattr(self.config, "text_config", None)):
+            for key in PLACEHOLDER_KEYS:
+                value = getattr(config, key, None) if config is not None else None
+                if isinstance(value, int) and 0 <= value < len(self.tokenizer):
+                    ids.add(value)
+        for name in ("image_token", "video_token"):
+            token = getattr(self.processor, name, None) or getattr(self.tokenizer, name, None)
+            if isinstance(token, str):
+                token_id = self.tokenizer.convert_tokens_to_ids(token)
+                if isinstance(token_id, int) and token_id != self.tokenizer.unk_token_id:
+                    ids.add(token_id)
+        return sorted(ids)
 
     def generation_defaults(self) -> dict[str, Any]:
         return {"max_new_tokens": 128, "do_sample": False,
