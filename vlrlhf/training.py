@@ -164,7 +164,7 @@ def rl_micro_step(adapter, model, rl: RLBatch, ref_logps: torch.Tensor | None, o
     from vlrlhf.losses.policy import kl_estimate, ppo_policy_loss
 
     ref_logps = ref_logps if ref_logps is not None else rl.ref_logps
-    logps = adapter.token_logprobs(model, rl.batch)
+    logps = adapter.rollout_logprobs(model, rl.batch)
     mask = rl.batch.loss_mask
     advantages = rl.advantages[:, None].expand_as(logps) if rl.advantages.dim() == 1 else rl.advantages
     out = ppo_policy_loss(logps, rl.old_logps, advantages, mask, clip_low=online.clip_low,

@@ -36,7 +36,7 @@ def recomputed_logprobs(engine, req, token_ids):
                              prompt.extras)
     batch = engine.adapter.collate([example])
     with torch.no_grad():
-        logps = engine.adapter.token_logprobs(engine.model, batch)[0]
+        logps = engine.adapter.rollout_logprobs(engine.model, batch)[0]
     return logps[len(prompt.input_ids):].tolist()
 
 

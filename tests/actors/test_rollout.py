@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from actors.rollout import Sampling, TransformersEngine, make_engine
+from jobs.rows import Row, rl_example
 from tests.actors.rollout_check import recomputed_logprobs, request
 
 SCRIPT = pathlib.Path(__file__).with_name("rollout_check.py")
@@ -56,3 +57,28 @@ def test_transformers_engine_samples_n_per_request_with_behaviour_logprobs(tiny_
         engine.load_weights({"not.a.weight": torch.zeros(1)})
     with pytest.raises(ValueError, match="must be 'vllm' or 'transformers'"):
         make_engine("sglang", str(tiny_path("llava")))
+
+
+def test_image_placeholders_are_never_sampled_and_never_priced(tiny_path):
+    """A policy that would rather emit the image token: the engine never samples it (a completion
+    holding one cannot be trained on), and its behaviour log-probs equal the policy's rollout
+    log-probs, the same softmax without the placeholders."""
+    engine = TransformersEngine(str(tiny_path("qwen2_vl")))
+    banned = engine.adapter.placeholder_token_ids()
+    assert engine.adapter.tokenizer.convert_tokens_to_ids("<|image_pad|>") in banned
+    with torch.no_grad():  # make the image token the most likely one everywhere
+        head = engine.model.get_output_embeddings()
+        head.weight[banned[-2]] = 50.0 * head.weight.std()
+    req = request("red")
+    samples = engine.generate([req], Sampling(n=4, temperature=1.0, max_tokens=6, seed=0))
+    assert all(token not in banned for s in samples for token in s.token_ids)
+    sample = samples[0]
+    recomputed = recomputed_logprobs(engine, req, sample.token_ids)
+    assert torch.allclose(torch.tensor(recomputed), torch.tensor(sample.logprobs), atol=1e-4)
+    # the full softmax, by contrast, gives the placeholder its mass back: the completion far less likely
+    prompt = engine.adapter.encode_prompt(req["messages"], req["images"])
+    row = Row(rl_example(prompt, sample.token_ids), 0, sample.logprobs)
+    batch = engine.adapter.collate([row.example])
+    with torch.no_grad():
+        full = engine.adapter.token_logprobs(engine.model, batch)[0, len(prompt.input_ids):]
+    assert float(full.sum()) < sum(sample.logprobs) - 5.0

@@ -37,7 +37,7 @@ def test_rl_micro_step_at_ratio_one_is_the_token_weighted_advantage(tiny_path):
     assert float(loss) == pytest.approx(expected, abs=1e-4)
     assert metrics["clip_fraction_sum"] == 0.0 and metrics["count"] == sum(lengths)
     # the KL term: against itself it is 0; against a shifted reference, k3 summed over tokens
-    ref = engine.adapter.token_logprobs(engine.model, batch.batch).detach()
+    ref = engine.adapter.rollout_logprobs(engine.model, batch.batch).detach()
     same, _ = rl_micro_step(engine.adapter, engine.model, batch, ref, online, float(sum(lengths)))
     assert float(same) == pytest.approx(expected, abs=1e-4)
     shifted = ref - 0.1 * batch.batch.loss_mask

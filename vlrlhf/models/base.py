@@ -239,10 +239,25 @@ class Adapter:
         """Callable hidden (.., H) -> logits (.., V) including any final soft-capping."""
         return unwrap(model).get_output_embeddings()
 
-    def token_logprobs(self, model, batch: ModelBatch, chunk_size: int = 1024) -> torch.Tensor:
-        """(B, T) fp32: entry t is log p(input_ids[t] | input_ids[<t]) where labels[t] != -100, else 0."""
+    def token_logprobs(self, model, batch: ModelBatch, chunk_size: int = 1024,
+                       exclude: tuple[int, ...] = ()) -> torch.Tensor:
+        """(B, T) fp32: entry t is log p(input_ids[t] | input_ids[<t]) where labels[t] != -100, else 0.
+        `exclude`: token ids given no probability (the softmax runs over the rest)."""
         hidden = self.hidden_states(model, batch)
-        return chunked_token_logprobs(hidden, self.output_head(model), batch.labels, chunk_size=chunk_size)
+        head = self.output_head(model)
+        if exclude:
+            ids, full_head = torch.tensor(exclude, device=hidden.device), head
+
+            def head(states):
+                return full_head(states).index_fill(-1, ids, float("-inf"))
+        return chunked_token_logprobs(hidden, head, batch.labels, chunk_size=chunk_size)
+
+    def rollout_logprobs(self, model, batch: ModelBatch) -> torch.Tensor:
+        """Log-probs under the distribution rollouts sample from: the model's, with the
+        placeholder tokens excluded (see placeholder_token_ids). Online RL trains these."""
+        if not hasattr(self, "_placeholders"):
+            self._placeholders = tuple(self.placeholder_token_ids())
+        return self.token_logprobs(model, batch, exclude=self._placeholders)
 
     # ------------------------------------------------------------------ model surgery
     def language_model(self, model):
@@ -265,7 +280,9 @@ class Adapter:
 
     def placeholder_token_ids(self) -> list[int]:
         """Image/video placeholder ids: a sampled completion must never hold one (the training
-        forward would find more image tokens than image features). Rollouts ban them."""
+        forward would find more image tokens than image features). Rollouts ban them, and
+        online RL scores completions without them (rollout_logprobs), so the behaviour and
+        the trained distributions are the same."""
         ids = set()
         for config in (self.config, getattr(self.config, "text_config", None)):
             for key in PLACEHOLDER_KEYS:
