@@ -17,7 +17,9 @@ Each stage is timed (time/*). With `online.async_rollout` the rollout of step t+
 while step t trains (one step off-policy): its behaviour log-probs come from the
 weights before step t's update, and the PPO ratio pi/pi_behaviour (clipped) is the
 importance correction. Groups whose rewards are all equal carry no gradient with group
-baselines and are skipped when `online.skip_equal_groups` (grpo, rloo).
+baselines and are skipped when `online.skip_equal_groups` (grpo, rloo); completions cut
+at max_tokens are left out of the loss when `online.truncated: mask` (they still count
+in the rewards and the baselines).
 """
 
 from __future__ import annotations
@@ -59,7 +61,7 @@ def advantages_for(name: str, online, scores: torch.Tensor, rows: list[Row]):
             else rloo_advantages(scores, online.n)
         return unpadded(per_sample[:, None].float() * mask, mask), None
     ref = padded(rows, "ref_logprobs")[0] if rows[0].ref_logprobs is not None else old
-    token_rewards = kl_rewards(scores, old, ref, mask, online.kl_coef, "k1")
+    token_rewards = kl_rewards(scores, old, ref, mask, online.kl_coef, online.kl_estimator or "k1")
     if name == "reinforce_pp":
         group = online.n if online.reinforce_baseline else None
         return unpadded(reinforce_pp_advantages(token_rewards, mask, group_size=group), mask), None
@@ -175,7 +177,8 @@ class OnlineJob:
     def train_step(self, records, requests, samples, timings, progress) -> dict:
         started = time.perf_counter() - timings["rollout_wait_s"]
         prompts = [self.adapter.encode_prompt(r["messages"], r["images"]) for r in requests]
-        rows = [Row(rl_example(prompts[s.request], s.token_ids), s.request, s.logprobs) for s in samples]
+        rows = [Row(rl_example(prompts[s.request], s.token_ids), s.request, s.logprobs,
+                    truncated=s.finish_reason == "length") for s in samples]
         mark = time.perf_counter()
         scores, values = self.score(records, requests, samples, rows)
         timings["score_s"] = time.perf_counter() - mark
@@ -191,7 +194,9 @@ class OnlineJob:
                        "train/groups_kept": float(keep.float().mean()),
                        "train/response_length": sum(s.length for s in samples) / len(samples),
                        "train/truncated": sum(s.finish_reason == "length" for s in samples) / len(samples)})
-        rows = [row for row in rows if keep[row.request]]
+        masked = self.online.truncated == "mask"  # DAPO's overlong filtering: cut answers teach nothing
+        rows = [row for row in rows if keep[row.request] and not (masked and row.truncated)]
+        values["train/trained_samples"] = float(len(rows))
         if rows:
             mark = time.perf_counter()
             if self.sleeps:

@@ -26,6 +26,7 @@ class Row:
     values: list[float] | None = None  # critic V(s_t) (PPO)
     advantages: list[float] | None = None
     returns: list[float] | None = None  # GAE targets of the critic (PPO)
+    truncated: bool = False  # cut at max_tokens
 
 
 def rl_example(prompt: EncodedExample, token_ids: list[int]) -> EncodedExample:

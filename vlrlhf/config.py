@@ -137,6 +137,8 @@ class OnlineSpec(Section):
     clip_low: float = Field(0.2, ge=0)
     clip_high: float = Field(0.2, ge=0)  # > clip_low: DAPO's clip-higher
     kl_coef: float = Field(0.0, ge=0)  # grpo/rloo: KL in the loss (k3); reinforce_pp/ppo: in the reward (k1)
+    kl_estimator: Literal["k1", "k2", "k3"] | None = None  # None: k3 in the loss, k1 in the reward
+    truncated: Literal["keep", "mask"] = "keep"  # mask: no loss on completions cut at max_tokens (DAPO)
     reinforce_baseline: bool = False  # reinforce_pp: subtract the group mean (REINFORCE++-baseline)
     advantage_scale: Literal["group", "batch", "none"] = "group"  # GRPO std; none: Dr. GRPO
     skip_equal_groups: bool = True  # groups whose rewards are all equal carry no signal

@@ -175,7 +175,7 @@ def rl_micro_step(adapter, model, rl: RLBatch, ref_logps: torch.Tensor | None, o
                "ratio_sum": float((torch.exp(logps.detach() - rl.old_logps) * mask).sum()),
                "approx_kl_sum": float(out.approx_kl) * float(mask.sum()), "count": float(mask.sum())}
     if ref_logps is not None and online.kl_coef > 0:
-        kl = (kl_estimate(logps, ref_logps.to(logps.device), "k3") * mask).sum()
+        kl = (kl_estimate(logps, ref_logps.to(logps.device), online.kl_estimator or "k3") * mask).sum()
         total = total + online.kl_coef * kl
         metrics["kl_sum"] = float(kl.detach())
     metrics["loss_sum"] = float(total.detach())

@@ -94,17 +94,24 @@ def brute_gae(rewards, values, gamma, lam):
     return [sum((gamma * lam) ** k * deltas[t + k] for k in range(n - t)) for t in range(n)]
 
 
-def test_ppo_advantages_are_whitened_gae_of_kl_shaped_rewards():
+KL_TERMS = {"k1": lambda lr: -lr, "k2": lambda lr: 0.5 * lr ** 2,  # of log r = ref - logp, by hand
+            "k3": lambda lr: math.exp(lr) - 1 - lr}
+
+
+@pytest.mark.parametrize("estimator", [None, "k2", "k3"])
+def test_ppo_advantages_are_whitened_gae_of_kl_shaped_rewards(estimator):
     from jobs.online import advantages_for
 
-    online = OnlineSpec(rewards=[{"function": "exact_match"}], n=2, kl_coef=0.1, gamma=0.9, lam=0.8)
+    online = OnlineSpec(rewards=[{"function": "exact_match"}], n=2, kl_coef=0.1, gamma=0.9, lam=0.8,
+                        kl_estimator=estimator)
+    kl = KL_TERMS[estimator or "k1"]  # the reward's default is k1
     rows = [Row(None, 0, [-0.5, -1.0, -0.2], ref_logprobs=[-0.7, -0.9, -0.2], values=[0.1, 0.2, 0.3]),
             Row(None, 0, [-2.0, -0.1], ref_logprobs=[-1.0, -0.3], values=[-0.4, 0.5])]
     scores = torch.tensor([1.0, -0.5])
     advantages, returns = advantages_for("ppo", online, scores, rows)
     raw, targets = [], []
     for row, score in zip(rows, scores.tolist(), strict=True):
-        rewards = [-0.1 * (lp - ref) for lp, ref in zip(row.logprobs, row.ref_logprobs, strict=True)]  # -beta k1
+        rewards = [-0.1 * kl(ref - lp) for lp, ref in zip(row.logprobs, row.ref_logprobs, strict=True)]
         rewards[-1] += score  # the sequence score on the last token
         gae = brute_gae(rewards, row.values, 0.9, 0.8)
         raw.append(gae)
@@ -169,3 +176,18 @@ def test_async_rollouts_are_one_step_off_and_weights_travel_by_broadcast(ray_clu
     assert steps[0]["train/approx_kl"] < 1e-4
     assert steps[1]["train/approx_kl"] > 10 * steps[0]["train/approx_kl"]  # off by one update
     assert all(row["train/synced_tensors"] > 0 for row in steps)
+
+
+@pytest.mark.parametrize("truncated", ["keep", "mask"])
+def test_truncated_completions_can_be_left_out_of_the_loss(ray_cluster, tmp_path, truncated):
+    """Two-token answers of a random model are all cut at max_tokens: kept, they train; masked
+    (DAPO's overlong filtering), nothing does, though they are still rewarded and logged."""
+    run_dir = tmp_path / "run"
+    overrides = ["trainer.max_steps=1", "algorithm.name=reinforce_pp", f"checkpoint.dir={tmp_path / 'ck'}",
+                 "online.prompts_per_step=2", "online.n=2", "online.max_tokens=2", f"online.truncated={truncated}"]
+    assert run_job(str(ROOT / "configs" / "demo_grpo.yaml"), overrides, run_dir=str(run_dir)) == 0
+    (row,) = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()
+              if "train/reward" in line]
+    assert row["train/truncated"] == 1.0
+    assert row["train/trained_samples"] == (4.0 if truncated == "keep" else 0.0)
+    assert ("train/loss" in row) == (truncated == "keep")
