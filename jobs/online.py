@@ -105,8 +105,11 @@ class OnlineJob:
         if self.name == "ppo":
             self.critic = ActorGroup(CriticWorker, spec.resources.critic, name="critic",
                                      args=(spec.model, online.critic, spec.trainer, updates), share=share("critic"))
-        kwargs = {"max_model_len": online.max_model_len, "sleep_mode": bool(spec.resources.rollout.colocate)} \
-            if online.engine == "vllm" else {}
+        kwargs = {"dtype": spec.model.dtype}
+        if online.engine == "vllm":
+            kwargs |= {"max_model_len": online.max_model_len, "sleep_mode": bool(spec.resources.rollout.colocate),
+                       "tensor_parallel_size": online.tensor_parallel_size,
+                       "gpu_memory_utilization": online.gpu_memory_utilization}
         self.rollout = ActorGroup(RolloutWorker, spec.resources.rollout, name="rollout",
                                   args=(online.engine, spec.model.path), kwargs=kwargs, share=share("rollout"))
         # a colocated engine sleeps while the policy trains, unless it must keep sampling (async)

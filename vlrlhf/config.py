@@ -131,6 +131,8 @@ class OnlineSpec(Section):
     top_p: float = Field(1.0, gt=0, le=1)
     max_tokens: int = Field(32, gt=0)
     max_model_len: int = Field(1024, gt=0)  # vLLM
+    tensor_parallel_size: int = Field(1, gt=0)  # vLLM: GPUs per engine (resources.rollout.gpus to match)
+    gpu_memory_utilization: float = Field(0.5, gt=0, le=1)  # vLLM: share of each GPU for weights + KV cache
     prompts_per_step: int = Field(8, gt=0)
     rewards: list[RewardTermSpec] = []  # rule functions, weighted; and/or a reward model
     reward_model: RewardModelSpec | None = None
