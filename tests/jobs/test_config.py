@@ -83,18 +83,10 @@ print("RESULTS " + json.dumps(results))
 """
 
 
-def test_bad_spec_exits_2_with_one_message_and_no_ray(tmp_path):
-    """Four bad specs through the CLI in one interpreter (imports dominate a run's cost)."""
-    (tmp_path / "config.json").write_text(json.dumps({"model_type": "llava"}))
-    cases = {"unknown_key": (["model.colour=red"], "model.colour: unknown key"),
+BAD_SPECS = {"unknown_key": (["model.colour=red"], "model.colour: unknown key"),
              "wrong_type": (["trainer.epochs=two"], "trainer.epochs"),
-             "missing_data": ([f"data.train={tmp_path / 'nope.json'}"], "nope.json does not exist"),
-             "no_weights": ([f"model.path={tmp_path}"], "no weights")}
-    argvs = [["run", str(minimal(tmp_path)), *overrides] for overrides, _ in cases.values()]
-    for (problem, (_, expected)), result in zip(cases.items(), run_many(argvs), strict=True):
-        assert result["rc"] == 2 and not result["ray"], problem  # exit code 2, Ray never started
-        errors = [line for line in result["stderr"].splitlines() if line.startswith("vlrlhf: error:")]
-        assert len(errors) == 1 and expected in result["stderr"], (problem, result["stderr"])
+             "missing_data": (["data.train={folder}/nope.json"], "nope.json does not exist"),
+             "no_weights": (["model.path={folder}"], "no weights")}
 
 
 def run_many(argvs: list[list[str]]) -> list[dict]:
@@ -106,13 +98,33 @@ def run_many(argvs: list[list[str]]) -> list[dict]:
     return json.loads(lines[0][len("RESULTS "):])
 
 
-def test_config_show_and_schema(tmp_path):
-    show, schema = run_many([["config", "show", str(minimal(tmp_path)), "algorithm.beta=0.3"], ["config", "schema"]])
+@pytest.fixture(scope="module")
+def cli_runs(tmp_path_factory):
+    """The bad specs, `config show` and `config schema`, all in one interpreter."""
+    folder = tmp_path_factory.mktemp("cli")
+    (folder / "config.json").write_text(json.dumps({"model_type": "llava"}))
+    spec = str(minimal(folder))
+    argvs = [["run", spec, *(o.format(folder=folder) for o in overrides)] for overrides, _ in BAD_SPECS.values()]
+    argvs += [["config", "show", spec, "algorithm.beta=0.3"], ["config", "schema"]]
+    results = run_many(argvs)
+    return dict(zip([*BAD_SPECS, "show", "schema"], results, strict=True))
+
+
+def test_bad_spec_exits_2_with_one_message_and_no_ray(cli_runs):
+    for problem, (_, expected) in BAD_SPECS.items():
+        result = cli_runs[problem]
+        assert result["rc"] == 2 and not result["ray"], problem  # exit code 2, Ray never started
+        errors = [line for line in result["stderr"].splitlines() if line.startswith("vlrlhf: error:")]
+        assert len(errors) == 1 and expected in result["stderr"], (problem, result["stderr"])
+
+
+def test_config_show_and_schema(cli_runs):
+    show, schema = cli_runs["show"], cli_runs["schema"]
     assert show["rc"] == 0 and schema["rc"] == 0, show["stderr"] + schema["stderr"]
     shown = yaml.safe_load(show["stdout"])
     assert shown["algorithm"]["beta"] == 0.3 and shown["trainer"]["strategy"] == "ddp"
     assert json.loads(schema["stdout"])["title"] == "JobSpec"
-    assert not schema["ray"]  # neither starts Ray
+    assert not show["ray"] and not schema["ray"]  # neither starts Ray
 
 
 def test_cross_field_rules(tmp_path):

@@ -47,3 +47,12 @@ def test_a_failing_sample_is_named_or_scored_by_the_fallback_and_counted():
         RewardSet([RewardTerm("tests.rewards.user_rewards:too_few")]).score(["a", "b"], records[:2])
     with pytest.raises(ValueError, match="neither a built-in"):
         RewardSet([RewardTerm("no_such_reward")])
+
+
+def test_options_must_fit_the_function():
+    with pytest.raises(ValueError, match="reward numeric: options {'tolerance': 0.01} do not fit numeric"):
+        RewardSet([RewardTerm("numeric", options={"tolerance": 0.01})])  # the option is rel_tol
+    with pytest.raises(ValueError, match="format_match.*pattern"):
+        RewardSet([RewardTerm("format_match")])  # a required option left out
+    RewardSet([RewardTerm("numeric", options={"rel_tol": 0.01}),  # known options, and any for **options
+               RewardTerm("tests.rewards.user_rewards:shaky", options={"anything": 1})])

@@ -23,12 +23,12 @@ def _answer(record) -> str:
     return record.answer
 
 
-def exact_match(completions, records, **_) -> list[float]:
+def exact_match(completions, records) -> list[float]:
     """1 when the completion equals the answer after lower-casing and dropping punctuation."""
     return [float(normalise(c) == normalise(_answer(r))) for c, r in zip(completions, records, strict=True)]
 
 
-def multiple_choice(completions, records, **_) -> list[float]:
+def multiple_choice(completions, records) -> list[float]:
     """1 when the option read from the completion (vlrlhf.eval.extract.choice_letter) is the answer letter."""
     out = []
     for completion, record in zip(completions, records, strict=True):
@@ -44,7 +44,7 @@ def last_number(text: str) -> float | None:
     return float(found[-1].replace(",", "")) if found else None
 
 
-def numeric(completions, records, *, rel_tol: float = 1e-4, abs_tol: float = 1e-6, **_) -> list[float]:
+def numeric(completions, records, *, rel_tol: float = 1e-4, abs_tol: float = 1e-6) -> list[float]:
     """1 when the last number in the completion is within tolerance of the numeric answer."""
     out = []
     for completion, record in zip(completions, records, strict=True):
@@ -54,12 +54,12 @@ def numeric(completions, records, *, rel_tol: float = 1e-4, abs_tol: float = 1e-
     return out
 
 
-def length_penalty(completions, records, *, max_chars: int = 200, penalty_per_char: float = 0.01, **_) -> list[float]:
+def length_penalty(completions, records, *, max_chars: int = 200, penalty_per_char: float = 0.01) -> list[float]:
     """0 up to `max_chars`, then -penalty_per_char per extra character."""
     return [-penalty_per_char * max(0, len(c) - max_chars) for c in completions]
 
 
-def format_match(completions, records, *, pattern: str, **_) -> list[float]:
+def format_match(completions, records, *, pattern: str) -> list[float]:
     """1 when the whole completion matches `pattern` (e.g. '<think>.*</think>.*')."""
     compiled = re.compile(pattern, flags=re.DOTALL)
     return [float(compiled.fullmatch(c.strip()) is not None) for c in completions]

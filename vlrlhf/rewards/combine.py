@@ -14,6 +14,7 @@ the term's `fallback` value and are counted (`on_error: fallback`). Never a sile
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import math
 from collections import Counter
 from collections.abc import Callable
@@ -56,12 +57,27 @@ def load_function(name: str) -> Callable:
     return import_object(name, "reward function")
 
 
+def check_options(term: RewardTerm, function: Callable) -> None:
+    """`options` must fit the function's keywords: a misspelt option is an error, not ignored."""
+    try:
+        signature = inspect.signature(function)
+    except (TypeError, ValueError):  # a builtin without a signature: nothing to check
+        return
+    try:
+        signature.bind([], [], **term.options)
+    except TypeError as error:
+        raise ValueError(f"reward {term.function}: options {term.options} do not fit {function.__name__}"
+                         f"{signature} ({error})") from None
+
+
 class RewardSet:
     def __init__(self, terms: list[RewardTerm]):
         if not terms:
             raise ValueError("at least one reward function is needed")
         self.terms = terms
         self.functions = [load_function(term.function) for term in terms]
+        for term, function in zip(terms, self.functions, strict=True):
+            check_options(term, function)
 
     def score(self, completions: list[str], records: list) -> RewardResult:
         failures: Counter = Counter()
