@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 
 from actors.group import WorkerBase
-from actors.policy import all_reduce_gradients, clip_gradients, device, load_options, schedule
+from actors.policy import device, load_options, optimizer_step, schedule
 from vlrlhf.config import ModelSpec, TrainerSpec
 from vlrlhf.models.registry import load_adapter
 from vlrlhf.models.value_head import load_head, save_head, token_values
@@ -64,11 +64,8 @@ class CriticWorker(WorkerBase):
                                              self.critic.value_clip, normaliser)
             loss.backward()
             sums.append(metrics)
-        all_reduce_gradients(self.parameters, self.world_size)
-        grad_norm = clip_gradients(self.parameters, self.trainer.max_grad_norm)
-        self.optimizer.step()
-        self.scheduler.step()
-        self.optimizer.zero_grad(set_to_none=True)
+        grad_norm = optimizer_step(self.parameters, self.world_size, self.optimizer, self.scheduler,
+                                   self.trainer.max_grad_norm)
         return {"sums": sums, "grad_norm": grad_norm}
 
     def save(self, folder: str) -> None:

@@ -135,11 +135,8 @@ class PolicyWorker(WorkerBase):
             loss, metrics = self._micro_loss(micro, ref, normaliser)
             loss.backward()
             sums.append(metrics)
-        all_reduce_gradients(self.parameters, self.world_size)
-        grad_norm = clip_gradients(self.parameters, self.trainer.max_grad_norm)
-        self.optimizer.step()
-        self.scheduler.step()
-        self.optimizer.zero_grad(set_to_none=True)
+        grad_norm = optimizer_step(self.parameters, self.world_size, self.optimizer, self.scheduler,
+                                   self.trainer.max_grad_norm)
         self.step += 1
         return {"sums": sums, "grad_norm": grad_norm, "lr": self.scheduler.get_last_lr()[0]}
 
@@ -268,6 +265,17 @@ def _set_rng_state(state: dict) -> None:
     torch.set_rng_state(state["torch"])
     np.random.set_state(state["numpy"])
     random.setstate(state["python"])
+
+
+def optimizer_step(parameters: list, world_size: int, optimizer, scheduler, max_grad_norm: float | None) -> float:
+    """After the micro-batches' backward passes: sum gradients over the workers, clip, step
+    the optimizer and the schedule, clear. Returns the gradient norm before clipping."""
+    all_reduce_gradients(parameters, world_size)
+    grad_norm = clip_gradients(parameters, max_grad_norm)
+    optimizer.step()
+    scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    return grad_norm
 
 
 def all_reduce_gradients(parameters: list, world_size: int) -> None:
