@@ -96,6 +96,32 @@ def test_decompression_bomb_is_refused_from_the_header(root):
     assert load_image(bomb, max_pixels=10_000_000).size == (3000, 3000)
 
 
+def png_header_only(width: int, height: int) -> bytes:
+    """A PNG that declares width x height pixels and carries no pixel data (a few dozen bytes)."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0))
+            + chunk(b"IDAT", zlib.compress(b"")) + chunk(b"IEND", b""))
+
+
+def test_image_pillow_refuses_in_open_is_a_bad_record_not_a_crash(root):
+    # Above 2 x Image.MAX_IMAGE_PIXELS Pillow raises DecompressionBombError (not an OSError)
+    # inside Image.open, before our own max_pixels check sees the size.
+    side = int((2 * Image.MAX_IMAGE_PIXELS) ** 0.5) + 100
+    bomb = png_header_only(side, side)
+    with pytest.raises(Image.DecompressionBombError):
+        Image.open(io.BytesIO(bomb))
+    (root / "bomb.png").write_bytes(bomb)
+    for source in (bomb, "bomb.png"):
+        with pytest.raises(ImageError, match="decompression bomb") as info:
+            load_image(source, image_root=root, max_pixels=10 ** 12)
+        assert info.value.reason == "too_many_pixels"
+
+
 def test_exif_orientation_is_applied():
     image = Image.new("RGB", (4, 2), "blue")
     exif = Image.Exif()

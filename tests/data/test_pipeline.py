@@ -88,6 +88,9 @@ def test_streaming_split_gives_disjoint_complete_shares(ray_cluster, shapes, tin
 def write_bad_file(root: pathlib.Path) -> str:
     """Good rows 1, 2 and 9; every other row is bad for the reason in its prompt."""
     (root / "images" / "broken.png").write_bytes((root / "images" / "train" / "00000.png").read_bytes()[:60])
+    from tests.data.test_images import png_header_only
+
+    (root / "images" / "bomb.png").write_bytes(png_header_only(20_000, 20_000))
     (root.parent / "outside.png").write_bytes((root / "images" / "train" / "00000.png").read_bytes())
     good = {"image": "images/train/00001.png", "prompt": "What colour is the circle?", "chosen": "red",
             "rejected": "blue"}
@@ -99,14 +102,16 @@ def write_bad_file(root: pathlib.Path) -> str:
             dict(good, image="../outside.png"),  # escapes image_root
             dict(good, prompt="<image> and <image>?"),  # 2 placeholders, 1 image
             dict(good, image="images/train/00004.png"),
-            dict(good, prompt="What colour? " * 40)]  # too long after expansion
+            dict(good, prompt="What colour? " * 40),  # too long after expansion
+            dict(good, image="images/bomb.png")]  # Pillow refuses it in Image.open
     path = root / "mixed.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return str(path)
 
 
 EXPECTED_SKIPS = {"missing_field": 1, "wrong_type": 1, "missing": 1, "truncated": 1, "path_outside_root": 1,
-                  "image_count_mismatch": 1, "too_long": 1}
+                  "image_count_mismatch": 1, "too_long": 1,
+                  "too_many_pixels": 1}
 
 
 def test_bad_records_raise_by_default_naming_file_and_row(ray_cluster, shapes, tiny_path):
@@ -137,7 +142,7 @@ def test_bad_records_skipped_counted_and_quarantined(ray_cluster, shapes, tiny_p
     assert by_reason["too_long"]["where"] == "mixed.jsonl:10" and by_reason["too_long"]["stage"] == "encode"
     adapter = load_adapter(tiny_path("llava"))
     assert all(same(item.encoded, encode_record(adapter, item.record, settings)) for item in items)
-    assert "skipped 7 bad record(s)" in bad.summary()
+    assert "skipped 8 bad record(s)" in bad.summary()
 
 
 def test_wrong_record_type_for_the_task(ray_cluster, shapes, tiny_path):

@@ -9,7 +9,12 @@
   unreadable          not an image PIL can identify, or bad base64
   truncated           the data ends before the image does
   too_many_pixels     width * height above max_pixels (decompression bombs), checked
-                      from the header before any pixel is decoded
+                      from the header before any pixel is decoded; also Pillow's own
+                      refusal (DecompressionBombError, above 2x Image.MAX_IMAGE_PIXELS)
+
+Any other exception Pillow or a decoder raises while opening or decoding becomes
+`unreadable` with the exception's class and message: one bad file is one bad record
+(raised or skipped by the policy), never a crashed data task.
 
 EXIF orientation is applied; palette, CMYK, LA/RGBA, 16-bit and float modes become RGB
 (transparent areas on white).
@@ -123,15 +128,25 @@ def load_image(source, *, image_root=None, max_pixels: int = DEFAULT_MAX_PIXELS)
         raise ImageError("empty", f"{describe(source)} is empty")
     try:
         image = Image.open(io.BytesIO(data))
+    except Image.DecompressionBombError as error:  # not an OSError: Pillow refuses it in open()
+        raise ImageError("too_many_pixels", f"{describe(source)}: {error}") from error
     except (UnidentifiedImageError, OSError) as error:
         raise ImageError("unreadable", f"{describe(source)} is not a readable image ({error})") from error
+    except Exception as error:  # noqa: BLE001 - any decoder failure is a bad record, not a crash
+        raise ImageError("unreadable", f"{describe(source)} cannot be opened "
+                                       f"({type(error).__name__}: {error})") from error
     width, height = image.size
     if width * height > max_pixels:
         raise ImageError("too_many_pixels", f"{describe(source)} is {width}x{height}, above max_pixels={max_pixels}")
     try:
         image.load()
+        image = ImageOps.exif_transpose(image)
+        return to_rgb(image)
+    except Image.DecompressionBombError as error:
+        raise ImageError("too_many_pixels", f"{describe(source)}: {error}") from error
     except (OSError, SyntaxError, ValueError) as error:
         reason = "truncated" if "truncated" in str(error).lower() else "unreadable"
         raise ImageError(reason, f"{describe(source)} cannot be decoded ({error})") from error
-    image = ImageOps.exif_transpose(image)
-    return to_rgb(image)
+    except Exception as error:  # noqa: BLE001
+        raise ImageError("unreadable", f"{describe(source)} cannot be decoded "
+                                       f"({type(error).__name__}: {error})") from error
