@@ -67,7 +67,7 @@ def run_eval(spec: EvalSpec) -> dict:
     started = time.perf_counter()
     loaded, requests = {}, {}
     for name in spec.benchmarks:
-        bench = get_benchmark(name)
+        bench = get_benchmark(name, spec.rules)
         path = pathlib.Path(spec.data)
         path = find_file(bench, path) if path.is_dir() else path
         items = bench.read(path, bad)[: spec.limit]
@@ -97,7 +97,7 @@ def run_eval(spec: EvalSpec) -> dict:
         write_predictions(output / name, score, {item.index: bench.prompt(item) for item in items})
         scores[name] = score.to_json() | {"file": str(path)}
         print(f"{name}: {score.headline}={score.metrics.get(score.headline, 0.0):.2f} {score.counts}", flush=True)
-    result = {"model": spec.model.path, "benchmarks": scores, "bad_records": bad.summary(),
+    result = {"model": spec.model.path, "rules": spec.rules, "benchmarks": scores, "bad_records": bad.summary(),
               "judge": None if spec.judge is None else JudgeSpec(**spec.judge.model_dump()).public(),
               "seconds": round(time.perf_counter() - started, 1)}
     (output / "scores.json").write_text(json.dumps(result, indent=1))
@@ -117,7 +117,8 @@ def write_predictions(folder: pathlib.Path, score, prompts: dict[str, str]) -> N
 
 
 def markdown_table(result: dict) -> str:
-    lines = [f"model: `{result['model']}`", "", "| benchmark | metric | value | items | notes |",
+    lines = [f"model: `{result['model']}`, rules: {result.get('rules', 'official')}", "",
+             "| benchmark | metric | value | items | notes |",
              "|---|---|---|---|---|"]
     for name, score in result["benchmarks"].items():
         counts = dict(score["counts"])
@@ -140,6 +141,9 @@ def compare(run_a: str, run_b: str) -> str:
     a, b = load(run_a), load(run_b)
     lines = [f"A: {a['model']}", f"B: {b['model']}", "", "| benchmark | metric | A | B | B - A |",
              "|---|---|---|---|---|"]
+    rules_a, rules_b = a.get("rules", "official"), b.get("rules", "official")
+    if rules_a != rules_b:  # the same answers score differently under the two rule sets
+        lines.insert(2, f"warning: A was scored with rules={rules_a}, B with rules={rules_b}")
     for name in [n for n in a["benchmarks"] if n in b["benchmarks"]]:
         metrics_a, metrics_b = a["benchmarks"][name]["metrics"], b["benchmarks"][name]["metrics"]
         headline = a["benchmarks"][name]["headline"]

@@ -41,9 +41,11 @@ def choice_letter(text: str, options: dict[str, str]) -> str | None:
     """The option a free-form answer picks, in this order:
     1. a refusal ('cannot determine', 'sorry', ...) -> 'Z';
     2. 'answer is X' / 'answer: X' with X an option letter;
-    3. exactly one option letter standing alone ('B', '(B)', 'B.', 'B) cat');
+    3. exactly one option letter standing alone ('B', '(B)', 'B.', 'B) cat'); two or more
+       ('It could be A or B') are ambiguous: None, as MMBench's rules treat them;
     4. exactly one option text contained in the answer (case-insensitive);
-    else None. Letters not among `options` never count."""
+    else None. Letters not among `options` never count. In answers over three words an unmarked
+    lone 'A' or 'I' alone may be an article or a pronoun: it does not count as a letter there."""
     if is_refusal(text):
         return REFUSAL
     letters = set(options)
@@ -51,6 +53,8 @@ def choice_letter(text: str, options: dict[str, str]) -> str | None:
     if stated and stated.group(1).upper() in letters and (stated.group(1).isupper() or len(text.strip()) < 40):
         return stated.group(1).upper()
     alone = {match for match in re.findall(r"(?<![A-Za-z])([A-I])(?![A-Za-z])", text) if match in letters}
+    if len(alone) > 1:  # several letters, even if one of them might be an article: ambiguous
+        return None
     # a lone capital "A"/"I" may be an article or a pronoun inside a sentence: count it only in short
     # answers or when marked as an option ("(A)", "A.", "A:", "A)")
     marked = {m for m in re.findall(r"(?:\(([A-I])\)|(?<![A-Za-z])([A-I])[.:)](?!\w))", text) for m in m if m}

@@ -4,6 +4,7 @@
     benchmarks: [mme, pope]                                 # names; files found in `data`
     data: /data/vlmevalkit                                  # folder of VLMEvalKit TSVs
     judge: {base_url: http://127.0.0.1:8000/v1, model: gpt-4o, api_key_env: OPENAI_API_KEY}
+    rules: official                                         # or vlmevalkit: VLMEvalKit's exact matching
 """
 
 from __future__ import annotations
@@ -44,6 +45,9 @@ class EvalSpec(Section):
     judge: JudgeSection | None = None
     on_bad_record: Literal["raise", "skip"] = "raise"
     output: str = "runs/eval"
+    # official: each benchmark's own rules; vlmevalkit: VLMEvalKit's exact-matching extraction and
+    # aggregation, for numbers comparable with its leaderboards (docs/evaluation.md)
+    rules: Literal["official", "vlmevalkit"] = "official"
 
 
 def load_eval_spec(path: str | pathlib.Path | None, overrides: list[str] = ()) -> EvalSpec:

@@ -52,8 +52,13 @@ def _is_empty(cell: str | None) -> bool:
 
 
 def read_tsv(path: str | pathlib.Path, required: tuple[str, ...] = ("index", "question"),
-             bad: BadRecords | None = None, needs_image: bool = True) -> list[BenchItem]:
-    """All good rows of a VLMEvalKit TSV, images resolved; bad rows per `bad`'s policy."""
+             bad: BadRecords | None = None, needs_image: bool = True,
+             drop_without_image: bool = False) -> list[BenchItem]:
+    """All good rows of a VLMEvalKit TSV, images resolved; bad rows per `bad`'s policy.
+
+    needs_image: the `image` column is required and an empty cell is a bad row; otherwise a row
+    without an image is a text-only question. drop_without_image: rows whose image cell is empty
+    are left out (VLMEvalKit's rule) and counted in `bad.dropped_by_rule`."""
     bad = bad or BadRecords()
     path = pathlib.Path(path)
     csv.field_size_limit(sys.maxsize)  # base64 image cells are megabytes
@@ -69,6 +74,9 @@ def read_tsv(path: str | pathlib.Path, required: tuple[str, ...] = ("index", "qu
     items = []
     for number, row in enumerate(rows, start=1):
         where = f"{path}:row {number} (index {row.get('index')})"
+        if drop_without_image and _is_empty(row.get("image")):
+            bad.dropped_by_rule["no image (rules=vlmevalkit)"] += 1
+            continue
         try:
             items.append(_item(row, number, cells, needs_image))
         except TSVError as error:
@@ -81,7 +89,7 @@ def _item(row: dict, number: int, cells: dict, needs_image: bool) -> BenchItem:
         if _is_empty(row.get(name)):
             raise TSVError(f"empty_cell: the {name!r} cell is empty")
     images, key = [], row["index"]
-    if needs_image:
+    if needs_image or not _is_empty(row.get("image")):
         images, key = resolve_images(row["image"], row["index"], cells)
     options = {letter: row[letter].strip() for letter in OPTION_LETTERS
                if letter in row and not _is_empty(row[letter])}

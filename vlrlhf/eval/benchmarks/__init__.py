@@ -22,10 +22,11 @@ BENCHMARKS: dict[str, Benchmark] = {b.name: b for b in (MME(), MMBench(), SEEDBe
 __all__ = ["BENCHMARKS", "Benchmark", "Score", "find_file", "get_benchmark"]
 
 
-def get_benchmark(name: str) -> Benchmark:
+def get_benchmark(name: str, rules: str = "official") -> Benchmark:
+    """The benchmark `name`, reading and scoring by `rules` (official | vlmevalkit)."""
     if name not in BENCHMARKS:
         raise ValueError(f"unknown benchmark {name!r}; known: {', '.join(sorted(BENCHMARKS))}")
-    return BENCHMARKS[name]
+    return type(BENCHMARKS[name])(rules)
 
 
 def find_file(benchmark: Benchmark, folder: str | pathlib.Path) -> pathlib.Path:

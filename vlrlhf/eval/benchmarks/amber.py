@@ -8,6 +8,11 @@ accuracy over all. Overall and per dimension: existence (type
 discriminative-hallucination), attribute (-attribute-state/-number/-action, also
 reported apart) and relation. An answer without exactly one of yes/no is wrong.
 
+rules=vlmevalkit (VLMEvalKit's AMBER_rating): yes/no read by VLMEvalKit's rule; a type
+outside the five above is a dimension of its own; the headline `avg_accuracy` is the mean
+of the dimensions' accuracies (existence, attribute, relation), not the accuracy over all
+questions.
+
 Files: a TSV in the VLMEvalKit layout with the AMBER type in `category`, or AMBER's
 own folder (data/query/query_discriminative.json, data/annotations.json and the
 images under image/), found by `read`.
@@ -21,7 +26,6 @@ from collections import defaultdict
 
 from vlrlhf.data.reader import BadRecords
 from vlrlhf.eval.benchmarks.base import Benchmark, Score, percent, prediction_of, yes_no_prompt
-from vlrlhf.eval.extract import yes_no
 from vlrlhf.eval.tsv import BenchItem, TSVError
 
 DIMENSIONS = {"discriminative-hallucination": "existence", "discriminative-attribute-state": "attribute",
@@ -55,19 +59,29 @@ class AMBER(Benchmark):
     def prompt(self, item) -> str:
         return yes_no_prompt(item)
 
+    def dimension(self, kind: str) -> str:
+        if kind in DIMENSIONS:
+            return DIMENSIONS[kind]
+        return kind if self.as_vlmevalkit and kind != "relation" else "relation"
+
     def score(self, items, predictions, judge=None) -> Score:
-        details, groups = [], defaultdict(list)
+        details, groups, dimensions = [], defaultdict(list), set()
         for item in items:
             prediction = prediction_of(predictions, item)
-            answer, truth, kind = yes_no(prediction), item.answer.strip().lower(), item.get("category")
+            answer, truth, kind = self.yes_no(prediction), item.answer.strip().lower(), item.get("category")
             details.append({"index": item.index, "prediction": prediction, "extracted": answer,
                             "correct": answer == truth, "type": kind})
-            for group in ("all", DIMENSIONS.get(kind, "relation"), kind.removeprefix("discriminative-")):
+            dimensions.add(self.dimension(kind))
+            # a set: 'discriminative-relation' is both a dimension and a type, counted once
+            for group in {"all", self.dimension(kind), kind.removeprefix("discriminative-")}:
                 groups[group].append((answer, truth))
         metrics = no_positive_metrics(groups.pop("all", []))
         for group, pairs in sorted(groups.items()):
             metrics.update({f"{group}/{name}": value for name, value in no_positive_metrics(pairs).items()})
         counts = {"items": len(details), "unparsed": sum(d["extracted"] is None for d in details)}
+        if self.as_vlmevalkit:
+            metrics["avg_accuracy"] = sum(metrics[f"{d}/accuracy"] for d in dimensions) / max(len(dimensions), 1)
+            return Score(self.name, "avg_accuracy", metrics, details, counts)
         return Score(self.name, "f1", metrics, details, counts)
 
 

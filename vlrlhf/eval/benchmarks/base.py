@@ -4,6 +4,9 @@
     items = bench.read("MME.tsv", bad)                 # BenchItems, images resolved
     prompt = bench.prompt(item)                        # the user turn (image placeholders added by the runner)
     result = bench.score(items, predictions, judge)    # Score: metrics, per-item details, counts
+
+`get_benchmark("pope", rules="vlmevalkit")` reads and scores by VLMEvalKit's exact-matching
+rules instead of the benchmark's own (docs/evaluation.md has the table of differences).
 """
 
 from __future__ import annotations
@@ -12,10 +15,12 @@ import dataclasses
 from collections import defaultdict
 
 from vlrlhf.data.reader import BadRecords
+from vlrlhf.eval import extract, vlmevalkit
 from vlrlhf.eval.tsv import BenchItem, read_tsv
 
 MC_INSTRUCTION = "Answer with the option's letter from the given choices directly."
 YES_NO_INSTRUCTION = "Please answer yes or no."
+RULES = ("official", "vlmevalkit")  # each benchmark's own rules | VLMEvalKit's exact matching
 
 
 @dataclasses.dataclass
@@ -38,8 +43,22 @@ class Benchmark:
     needs_image = True
     needs_judge = False
 
+    def __init__(self, rules: str = "official"):
+        if rules not in RULES:
+            raise ValueError(f"rules={rules!r} is not one of {', '.join(RULES)}")
+        self.rules = rules
+
+    @property
+    def as_vlmevalkit(self) -> bool:
+        return self.rules == "vlmevalkit"
+
+    def yes_no(self, text: str) -> str | None:
+        """'yes', 'no' or None (unparsed) by this benchmark's rules."""
+        return vlmevalkit.yes_no(text) if self.as_vlmevalkit else extract.yes_no(text)
+
     def read(self, path, bad: BadRecords | None = None) -> list[BenchItem]:
-        return read_tsv(path, self.required, bad, needs_image=self.needs_image)
+        # VLMEvalKit drops rows without an image before anything else (skip_noimg)
+        return read_tsv(path, self.required, bad, needs_image=self.needs_image, drop_without_image=self.as_vlmevalkit)
 
     def prompt(self, item: BenchItem) -> str:
         return item.question

@@ -3,7 +3,8 @@
 Per subtask: acc = share of questions right, acc+ = share of images with both
 questions right; the subtask score is acc + acc+ (in percent, max 200). Perception
 sums 10 subtasks (max 2000), cognition 4 (max 800). An answer with neither or both
-of yes/no is wrong (counted as unparsed).
+of yes/no is wrong (counted as unparsed). rules=vlmevalkit reads yes/no by VLMEvalKit's
+rule (`vlrlhf.eval.vlmevalkit.yes_no`); the aggregation is the same.
 """
 
 from __future__ import annotations
@@ -11,7 +12,6 @@ from __future__ import annotations
 from collections import defaultdict
 
 from vlrlhf.eval.benchmarks.base import Benchmark, Score, percent, prediction_of
-from vlrlhf.eval.extract import yes_no
 
 PERCEPTION = ("existence", "count", "position", "color", "posters", "celebrity", "scene", "landmark", "artwork",
               "ocr")
@@ -27,7 +27,7 @@ class MME(Benchmark):
         details = []
         for item in items:
             prediction = prediction_of(predictions, item)
-            extracted = yes_no(prediction)
+            extracted = self.yes_no(prediction)
             details.append({"index": item.index, "prediction": prediction, "extracted": extracted,
                             "correct": extracted is not None and extracted == item.answer.strip().lower(),
                             "category": item.get("category").lower(),

@@ -1,13 +1,19 @@
 """MMMU (Yue+ 2023): multiple-choice and open questions, scored by MMMU's parsing rules.
 
 Multiple choice: strip edge punctuation, pad with spaces; candidates are options
-written '(X)', else 'X ' ; else (answers over 5 words) options whose text appears.
+written '(X)', else ' X ' (spaces both sides); else (answers over 5 words) options whose
+text appears.
 None -> a random option from a generator seeded by `seed` and the index (MMMU's
 fallback, made reproducible); several -> the one mentioned last.
 Open: the key phrases after 'is', 'so', 'thus', 'therefore', 'final', 'answer',
 'result', 'could be' (and '=' in the last sentence) plus every number are the
 prediction; it is right when a normalised number equals a gold number or a gold
 string occurs in a predicted string.
+
+rules=vlmevalkit: VLMEvalKit scores MMMU as plain multiple choice: an open question becomes
+A = its gold answer, B = 'Other Answers' (truth A); the option is read by VLMEvalKit's
+exact matching (no random fallback: unparsed is wrong); accuracy overall, per `category`
+and `l2-category` (and per `split` when the file has several).
 """
 
 from __future__ import annotations
@@ -15,7 +21,9 @@ from __future__ import annotations
 import ast
 import random
 import re
+import string
 
+from vlrlhf.eval import vlmevalkit
 from vlrlhf.eval.benchmarks.base import MC_INSTRUCTION, Benchmark, Score, accuracy_by, multiple_choice_prompt, \
     percent, prediction_of
 
@@ -33,7 +41,7 @@ def parse_choice(response: str, options: dict[str, str], rng: random.Random) -> 
     candidates = [letter for letter in options if f"({letter})" in text]
     bracketed = bool(candidates)
     if not candidates:
-        candidates = [letter for letter in options if f"{letter} " in text]
+        candidates = [letter for letter in options if f" {letter} " in text]
     by_text = False
     if not candidates and len(text.split()) > 5:
         candidates = [letter for letter, option in options.items() if option and option.lower() in text.lower()]
@@ -118,6 +126,8 @@ class MMMU(Benchmark):
         return multiple_choice_prompt(item, MC_INSTRUCTION)
 
     def score(self, items, predictions, judge=None) -> Score:
+        if self.as_vlmevalkit:
+            return self.score_as_vlmevalkit(items, predictions)
         details = []
         for item in items:
             prediction = prediction_of(predictions, item)
@@ -135,3 +145,19 @@ class MMMU(Benchmark):
         metrics.update({f"category/{k}": v for k, v in accuracy_by(details, "category").items()})
         counts = {"items": len(details), "random_fallback": sum(d["random_fallback"] for d in details)}
         return Score(self.name, "overall", metrics, details, counts)
+
+    def score_as_vlmevalkit(self, items, predictions) -> Score:
+        details = []
+        for item in items:
+            prediction = prediction_of(predictions, item)
+            options, truth = item.options, item.answer.strip()
+            if "A" not in options:  # VLMEvalKit's MMMU_preproc: an open question as a two-way choice
+                options = {"A": item.answer, "B": "Other Answers"}
+            if not (len(truth) == 1 and truth in string.ascii_uppercase):  # a text answer: its option is A
+                truth = "A"
+            letter = vlmevalkit.choice_letter(prediction, options)
+            details.append({"index": item.index, "prediction": prediction, "extracted": letter,
+                            "correct": letter == truth, "category": item.get("category"),
+                            "l2-category": item.get("l2-category"), "split": item.get("split")})
+        counts = {"items": len(details), "unparsed": sum(d["extracted"] is None for d in details)}
+        return Score(self.name, "overall", vlmevalkit.report_accuracy(details), details, counts)
