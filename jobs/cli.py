@@ -20,6 +20,9 @@ def cmd_tiny_model(args) -> int:
 def cmd_demo(args) -> int:
     from jobs.demo import run_demo, run_model_demo
 
+    if args.no_dashboard:
+        os.environ["VLRLHF_DASHBOARD"] = "0"  # read by jobs.run.start_ray
+
     if args.models:
         run_model_demo(f"{args.out_dir}/tiny")
     else:
@@ -61,6 +64,8 @@ def cmd_data_check(args) -> int:
 def cmd_run(args) -> int:
     from jobs.run import run_job
 
+    if args.no_dashboard:
+        os.environ["VLRLHF_DASHBOARD"] = "0"  # read by jobs.run.start_ray
     return run_job(args.spec, args.overrides, run_dir=args.run_dir)
 
 
@@ -79,7 +84,8 @@ def cmd_eval(args) -> int:
         args.rest, args.spec = [args.spec, *args.rest], None
     flags = [f"{key}={value}" for key, value in (("model.path", args.model), ("benchmarks", args.bench),
                                                  ("data", args.data), ("output", args.output),
-                                                 ("limit", args.limit)) if value is not None]
+                                                 ("limit", args.limit), ("rules", args.rules))
+             if value is not None]
     try:
         spec = load_eval_spec(args.spec, flags + list(args.rest))
     except SpecError as error:
@@ -128,13 +134,16 @@ def build_parser() -> argparse.ArgumentParser:
     tiny.add_argument("--seed", type=int, default=0)
     tiny.set_defaults(func=cmd_tiny_model)
 
-    demo = commands.add_parser("demo", help="SFT then DPO of a tiny VLM on the bundled data (CPU, minutes)",
-                               description="Run the main job on its embedded defaults: SFT then DPO of a tiny "
-                                           "LLaVA on the bundled shapes data on local Ray, then print held-out "
-                                           "metrics before and after. --models instead checks every model family.")
+    demo = commands.add_parser("demo", help="SFT, then DPO and GRPO, of a tiny VLM on the bundled data (CPU, minutes)",
+                               description="Run the main job on its embedded defaults: SFT of a tiny LLaVA on the "
+                                           "bundled shapes data on local Ray, then DPO and GRPO from the SFT "
+                                           "checkpoint, then print held-out metrics of each model. --models instead "
+                                           "checks every model family.")
     demo.add_argument("--out-dir", default=".demo", help="where checkpoints and logs go")
     demo.add_argument("--seed", type=int, default=0)
     demo.add_argument("--models", action="store_true", help="encode/score/generate with every tiny family")
+    demo.add_argument("--no-dashboard", action="store_true",
+                      help="start local Ray without its dashboard (also: VLRLHF_DASHBOARD=0)")
     demo.set_defaults(func=cmd_demo)
 
     run = commands.add_parser("run", help="run a job spec (local Ray, or the cluster at RAY_ADDRESS)",
@@ -144,6 +153,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("spec")
     run.add_argument("overrides", nargs="*", help="key.sub=value overrides (value parsed as YAML)")
     run.add_argument("--run-dir", help="where logs, curves and the quarantine file go (default runs/NAME)")
+    run.add_argument("--no-dashboard", action="store_true",
+                     help="start local Ray without its dashboard (also: VLRLHF_DASHBOARD=0)")
     run.set_defaults(func=cmd_run)
 
     config = commands.add_parser("config", help="show the resolved spec, or its JSON schema",
@@ -177,6 +188,9 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--data", help="folder of benchmark TSVs (or one TSV)")
     evaluate.add_argument("--output", help="output folder (default runs/eval)")
     evaluate.add_argument("--limit", type=int, help="first N rows of each benchmark")
+    evaluate.add_argument("--rules", choices=["official", "vlmevalkit"],
+                          help="official (default): each benchmark's own scoring rules; vlmevalkit: VLMEvalKit's "
+                               "exact matching, comparable with its leaderboards")
     evaluate.set_defaults(func=cmd_eval)
 
     data = commands.add_parser("data", help="synthetic data sets and data checks",

@@ -15,21 +15,34 @@ from vlrlhf.config import ONLINE_ALGORITHMS, SpecError, check_inputs, load_spec
 RAY_DEFAULTS = {"RAY_USAGE_STATS_ENABLED": "0", "TOKENIZERS_PARALLELISM": "false"}
 
 
-def start_ray() -> None:
+def start_ray(dashboard: bool | None = None) -> None:
+    """Join the cluster at RAY_ADDRESS, or start a local one with its dashboard on 127.0.0.1
+    (`dashboard=False`, `--no-dashboard` or VLRLHF_DASHBOARD=0: without). Ray already
+    initialised in this process (a test fixture, a notebook) is used as it is."""
     import ray
 
     if ray.is_initialized():
         return
     for key, value in RAY_DEFAULTS.items():
         os.environ.setdefault(key, value)
+    if dashboard is None:
+        dashboard = os.environ.get("VLRLHF_DASHBOARD", "1").lower() not in ("0", "false", "no", "off")
     address = os.environ.get("RAY_ADDRESS")
     # Worker processes inherit the job's environment variables.
     runtime_env = {"env_vars": {k: os.environ[k] for k in ("TOKENIZERS_PARALLELISM", "HF_HUB_OFFLINE")
                                 if k in os.environ}}
     if address:
-        ray.init(address=address, runtime_env=runtime_env, logging_level="WARNING")
+        context = ray.init(address=address, runtime_env=runtime_env, logging_level="WARNING")
     else:
-        ray.init(address="local", runtime_env=runtime_env, include_dashboard=False, logging_level="WARNING")
+        context = ray.init(address="local", runtime_env=runtime_env, include_dashboard=dashboard,
+                           dashboard_host="127.0.0.1", logging_level="WARNING")
+    url = getattr(context, "dashboard_url", None)
+    if url:
+        url = url if "://" in url else f"http://{url}"
+        # ray.init sets RAY_AUTH_MODE=token when the cluster uses token authentication
+        token = " (it asks for the token `ray get-auth-token` prints)" \
+            if os.environ.get("RAY_AUTH_MODE", "").lower() == "token" else ""
+        print(f"Ray dashboard: {url}{token}", flush=True)
     ray.data.DataContext.get_current().enable_progress_bars = False
 
 

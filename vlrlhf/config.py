@@ -206,6 +206,15 @@ class CheckpointSpec(Section):
     keep_last: int = Field(2, gt=0)
     resume: str = "auto"  # auto | off | a checkpoint folder
 
+    @field_validator("resume", mode="before")
+    @classmethod
+    def _resume_words(cls, value):
+        # YAML reads a bare off / no / false as False (and on / yes / true as True), in files and in
+        # `checkpoint.resume=off` overrides alike: take them as the words they were meant to be
+        if isinstance(value, bool):
+            return "auto" if value else "off"
+        return value
+
 
 class TrackingSpec(Section):
     kind: Literal["jsonl", "tensorboard", "wandb"] = "jsonl"

@@ -134,3 +134,13 @@ def test_cross_field_rules(tmp_path):
         load_spec(minimal(tmp_path), ["reference.mode=policy"])
     with pytest.raises(SpecError, match="kto needs trainer.batch_size >= 2"):
         load_spec(minimal(tmp_path), ["algorithm.name=kto", "trainer.batch_size=1"])
+
+
+@pytest.mark.parametrize("typed, resume", [("off", "off"), ("false", "off"), ("no", "off"), ("'off'", "off"),
+                                           ("auto", "auto"), ("true", "auto")])
+def test_resume_off_spelled_as_typed(tmp_path, typed, resume):
+    # YAML reads a bare off/no/false as a boolean: checkpoint.resume=off must still mean off
+    assert load_spec(minimal(tmp_path), [f"checkpoint.resume={typed}"]).checkpoint.resume == resume
+    path = minimal(tmp_path)
+    path.write_text(path.read_text() + f"checkpoint:\n  resume: {typed}\n")
+    assert load_spec(path).checkpoint.resume == resume
