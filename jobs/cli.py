@@ -22,6 +22,8 @@ def cmd_demo(args) -> int:
 
     if args.no_dashboard:
         os.environ["VLRLHF_DASHBOARD"] = "0"  # read by jobs.run.start_ray
+    if args.verbose:
+        os.environ["VLRLHF_VERBOSE"] = "1"  # read by jobs.run.start_ray: Ray Data's own log lines too
 
     if args.models:
         run_model_demo(f"{args.out_dir}/tiny")
@@ -66,6 +68,8 @@ def cmd_run(args) -> int:
 
     if args.no_dashboard:
         os.environ["VLRLHF_DASHBOARD"] = "0"  # read by jobs.run.start_ray
+    if args.verbose:
+        os.environ["VLRLHF_VERBOSE"] = "1"  # read by jobs.run.start_ray: Ray Data's own log lines too
     return run_job(args.spec, args.overrides, run_dir=args.run_dir)
 
 
@@ -144,6 +148,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--models", action="store_true", help="encode/score/generate with every tiny family")
     demo.add_argument("--no-dashboard", action="store_true",
                       help="start local Ray without its dashboard (also: VLRLHF_DASHBOARD=0)")
+    demo.add_argument("--verbose", action="store_true",
+                      help="keep Ray Data's INFO lines in the log (also: VLRLHF_VERBOSE=1)")
     demo.set_defaults(func=cmd_demo)
 
     run = commands.add_parser("run", help="run a job spec (local Ray, or the cluster at RAY_ADDRESS)",
@@ -155,6 +161,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--run-dir", help="where logs, curves and the quarantine file go (default runs/NAME)")
     run.add_argument("--no-dashboard", action="store_true",
                      help="start local Ray without its dashboard (also: VLRLHF_DASHBOARD=0)")
+    run.add_argument("--verbose", action="store_true",
+                     help="keep Ray Data's INFO lines in the log (also: VLRLHF_VERBOSE=1)")
     run.set_defaults(func=cmd_run)
 
     config = commands.add_parser("config", help="show the resolved spec, or its JSON schema",

@@ -8,7 +8,7 @@ import pathlib
 import time
 
 from vlrlhf.config import JobSpec
-from vlrlhf.data.pipeline import EncodeSettings, collate_items, split_records
+from vlrlhf.data.pipeline import EncodeSettings, PipelineResources, collate_items, split_records
 from vlrlhf.data.reader import BadRecords, read_records
 
 TASK_OF = {"sft": "sft", "dpo": "preference", "kto": "kto", "reward": "preference"}
@@ -22,6 +22,7 @@ class JobData:
     held_out: list
     settings: EncodeSettings
     bad: BadRecords
+    resources: PipelineResources = PipelineResources()
 
 
 def prepare_data(spec: JobSpec, run_dir: pathlib.Path) -> JobData:
@@ -137,6 +138,41 @@ def plot_curves(metrics_path: pathlib.Path, out: pathlib.Path) -> pathlib.Path |
 
 
 # ---------------------------------------------------------------- placement
+
+class PipelineBudgetError(RuntimeError):
+    """The actor groups leave the data pipeline no CPU: the job would hang, so it does not start."""
+
+
+def pipeline_budget(spec: JobSpec, roles: tuple[str, ...], cluster_cpus: float | None = None) -> PipelineResources:
+    """CPUs for the Ray Data encode stage, budgeted against the groups' reservations.
+
+    Ray Data tasks run outside placement groups: when the groups in `roles` reserve every
+    CPU, encode tasks are accepted but never scheduled and the job hangs without a word.
+    So before any group starts: free = cluster CPUs - sum(num_workers * cpus) over the
+    roles; the stage gets min(data.pipeline_cpus, free), at most 1 CPU per task, or the
+    job stops here naming the numbers and the fix. Roles run in-process (num_workers 0)
+    reserve nothing."""
+    if cluster_cpus is None:
+        import ray
+
+        cluster_cpus = float(ray.cluster_resources().get("CPU", 0.0))
+    reserved = {role: getattr(spec.resources, role).num_workers * getattr(spec.resources, role).cpus
+                for role in roles if getattr(spec.resources, role).num_workers}
+    free = cluster_cpus - sum(reserved.values())
+    wanted = spec.data.pipeline_cpus
+    task_cpus = min(1.0, wanted)
+    if free + 1e-9 < task_cpus:
+        held = ", ".join(f"{role} {getattr(spec.resources, role).num_workers} x "
+                         f"{getattr(spec.resources, role).cpus:g}" for role in reserved)
+        raise PipelineBudgetError(
+            f"the actor groups reserve {sum(reserved.values()):g} of the cluster's {cluster_cpus:g} CPUs ({held}), "
+            f"leaving {max(free, 0):g} for the data pipeline, which needs {task_cpus:g} "
+            f"(data.pipeline_cpus={wanted:g}); Ray Data tasks run outside placement groups, so the job would "
+            "wait forever. Lower resources.<role>.cpus (fractions work, e.g. 0.5), lower data.pipeline_cpus, "
+            "or add CPUs to the cluster")
+    budget = min(wanted, free)
+    return PipelineResources(task_cpus=task_cpus, concurrency=max(1, int(budget // task_cpus + 1e-9)))
+
 
 def colocation_reserve(spec: JobSpec, roles: tuple[str, ...]) -> dict[str, float]:
     """Per-bundle resources the policy's placement group must add for the roles in `roles`

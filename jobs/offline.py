@@ -24,8 +24,8 @@ from actors.group import ActorGroup
 from actors.policy import PolicyWorker
 from actors.reference import ReferenceWorker
 from jobs.checkpoints import open_checkpoints, resume_from
-from jobs.common import (Tracker, colocation_reserve, normaliser_for, plot_curves, prepare_data, shard,
-                         split_shares)
+from jobs.common import (Tracker, colocation_reserve, normaliser_for, pipeline_budget, plot_curves, prepare_data,
+                         shard, split_shares)
 from jobs.precompute import lookup, precompute_reference
 from vlrlhf.config import JobSpec
 from vlrlhf.data.pipeline import encoded_dataset, iter_encoded, ordered
@@ -56,6 +56,8 @@ class OfflineJob:
                              f"(trainer.batch_size={trainer.batch_size})")
         self.total_steps = min(trainer.max_steps or math.inf, trainer.epochs * self.steps_per_epoch)
         uses_reference = spec.algorithm.name not in NO_REFERENCE and spec.reference.mode in ("separate", "precomputed")
+        roles = ("policy", "reference") if uses_reference else ("policy",)
+        self.data.resources = pipeline_budget(spec, roles)  # before any group: a spec that would hang stops here
         self.policy = ActorGroup(PolicyWorker, spec.resources.policy, name="policy",
                                  args=(spec.model, spec.algorithm, spec.trainer, self.total_steps),
                                  reserve=colocation_reserve(spec, ("reference",) if uses_reference else ()))
@@ -105,7 +107,7 @@ class OfflineJob:
         last = {}
         while self.step < self.total_steps:
             dataset = encoded_dataset(ordered(self.data.train, spec.trainer.seed, self.epoch),
-                                      self.data.settings, start=self.position)
+                                      self.data.settings, start=self.position, resources=self.data.resources)
             pending = None
             for items in chunks(iter_encoded(dataset, self.data.bad), spec.trainer.batch_size):
                 # ---- reference for this batch, submitted before the policy trains the previous one
@@ -163,7 +165,8 @@ class OfflineJob:
         if not self.data.held_out:
             return {}
         if self.eval_items is None:
-            self.eval_items = list(iter_encoded(encoded_dataset(self.data.held_out, self.data.settings),
+            self.eval_items = list(iter_encoded(encoded_dataset(self.data.held_out, self.data.settings,
+                                                                resources=self.data.resources),
                                                 self.data.bad))
         batch_size = self.spec.trainer.batch_size
         sums = []

@@ -15,6 +15,12 @@ from vlrlhf.config import ONLINE_ALGORITHMS, SpecError, check_inputs, load_spec
 RAY_DEFAULTS = {"RAY_USAGE_STATS_ENABLED": "0", "TOKENIZERS_PARALLELISM": "false"}
 
 
+def _has_cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
 def start_ray(dashboard: bool | None = None) -> None:
     """Join the cluster at RAY_ADDRESS, or start a local one with its dashboard on 127.0.0.1
     (`dashboard=False`, `--no-dashboard` or VLRLHF_DASHBOARD=0: without). Ray already
@@ -29,8 +35,10 @@ def start_ray(dashboard: bool | None = None) -> None:
         dashboard = os.environ.get("VLRLHF_DASHBOARD", "1").lower() not in ("0", "false", "no", "off")
     address = os.environ.get("RAY_ADDRESS")
     # Worker processes inherit the job's environment variables.
-    runtime_env = {"env_vars": {k: os.environ[k] for k in ("TOKENIZERS_PARALLELISM", "HF_HUB_OFFLINE")
-                                if k in os.environ}}
+    runtime_env = {"env_vars": {k: os.environ[k] for k in ("TOKENIZERS_PARALLELISM", "HF_HUB_OFFLINE",
+                                                           "DS_ACCELERATOR") if k in os.environ}}
+    if not address and not _has_cuda():  # a local CPU cluster: DeepSpeed need not probe (and warn) per worker
+        runtime_env["env_vars"].setdefault("DS_ACCELERATOR", "cpu")
     if address:
         context = ray.init(address=address, runtime_env=runtime_env, logging_level="WARNING")
     else:
@@ -44,6 +52,31 @@ def start_ray(dashboard: bool | None = None) -> None:
             if os.environ.get("RAY_AUTH_MODE", "").lower() == "token" else ""
         print(f"Ray dashboard: {url}{token}", flush=True)
     ray.data.DataContext.get_current().enable_progress_bars = False
+    if os.environ.get("VLRLHF_VERBOSE", "0").lower() in ("0", "false", "no", "off", ""):
+        quiet_logs()
+
+
+class _DropProgressBarNotice:
+    """Ray Data warns that its progress bars are off; we turned them off on purpose."""
+
+    def filter(self, record) -> bool:
+        return not record.getMessage().startswith("Progress bars disabled")
+
+
+def quiet_logs() -> None:
+    """One progress bar per stage in the driver log: Ray Data's console at WARNING (its
+    ray-data.log in the session folder keeps everything), no execution-plan banners.
+    VLRLHF_VERBOSE=1 (or `vlrlhf run --verbose`) leaves Ray Data's own logging as it is."""
+    import logging
+
+    import ray.data
+
+    context = ray.data.DataContext.get_current()
+    context.print_on_execution_start = False
+    for handler in logging.getLogger("ray.data").handlers:
+        if not isinstance(handler, logging.FileHandler):
+            handler.setLevel(logging.WARNING)
+            handler.addFilter(_DropProgressBarNotice())
 
 
 def run_job(spec_path: str, overrides: list[str], run_dir: str | None = None) -> int:
@@ -55,14 +88,20 @@ def run_job(spec_path: str, overrides: list[str], run_dir: str | None = None) ->
         return 2
     folder = pathlib.Path(run_dir or pathlib.Path("runs") / spec.name).resolve()
     start_ray()
-    if spec.algorithm.name in ONLINE_ALGORITHMS:
-        from jobs.online import run_online
+    from jobs.common import PipelineBudgetError
 
-        summary = run_online(spec, folder)
-    else:
-        from jobs.offline import run_offline
+    try:
+        if spec.algorithm.name in ONLINE_ALGORITHMS:
+            from jobs.online import run_online
 
-        summary = run_offline(spec, folder)
+            summary = run_online(spec, folder)
+        else:
+            from jobs.offline import run_offline
+
+            summary = run_offline(spec, folder)
+    except PipelineBudgetError as error:  # the spec cannot run on this cluster: said before anything starts
+        print(f"vlrlhf: error: {error}", file=sys.stderr)
+        return 2
     if spec.evaluation is not None:  # benchmarks on the final checkpoint
         from jobs.evaluate import run_eval
         from vlrlhf.eval.spec import EvalSpec

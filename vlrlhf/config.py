@@ -48,6 +48,10 @@ class DataSpec(Section):
     max_pixels: int = Field(40_000_000, gt=0)
     on_bad_record: Literal["raise", "skip"] = "raise"
     format_options: dict[str, Any] = {}
+    # CPUs the Ray Data encode stage may use at once (fractions allowed). Ray Data tasks run
+    # outside the actor groups' placement groups, so these must be left free by them:
+    # checked against the cluster before any group starts (jobs.common.pipeline_budget).
+    pipeline_cpus: float = Field(1.0, gt=0)
 
     @field_validator("train", "eval", mode="before")
     @classmethod
@@ -75,7 +79,7 @@ class AlgorithmSpec(Section):
     name: Literal["sft", "dpo", "kto", "reward", "grpo", "rloo", "reinforce_pp", "ppo"]
     loss_type: str | list[str] | dict[str, float] = "sigmoid"
     beta: float = Field(0.1, gt=0)
-    label_smoothing: float = Field(0.0, ge=0, lt=1)
+    label_smoothing: float = Field(0.0, ge=0, lt=1)  # cDPO-style eps of the types that take it
     gamma: float = 0.5  # SimPO margin
     desirable_weight: float = 1.0  # KTO
     undesirable_weight: float = 1.0  # KTO
@@ -84,17 +88,43 @@ class AlgorithmSpec(Section):
     mdpo: MDPOSpec | None = None
     center_coef: float = Field(0.0, ge=0)  # reward: coef * (r_chosen + r_rejected)^2 keeps scores centred
 
+    @field_validator("loss_type", mode="before")
+    @classmethod
+    def _renamed_loss_types(cls, value):
+        """Deprecated names (aot_pair) warn once here and are stored under the new name."""
+        from vlrlhf.losses.preference import DEPRECATED, normalise_loss_types
+
+        named = [value] if isinstance(value, str) else value
+        if isinstance(named, (list, dict)) and any(old in named for old in DEPRECATED):
+            renamed = normalise_loss_types(value)
+            return next(iter(renamed)) if isinstance(value, str) else \
+                list(renamed) if isinstance(value, list) else renamed
+        return value
+
     @model_validator(mode="after")
-    def _known_loss_types(self):
-        from vlrlhf.losses.preference import normalise_loss_types
+    def _loss_options(self):
+        """Options the chosen objective would not use are errors, not silently ignored."""
+        from vlrlhf.losses.preference import BATCH_LEVEL, check_loss_options, normalise_loss_types
 
         if self.name != "dpo" and (self.ddpo_gamma is not None or self.mdpo is not None):
             raise ValueError("algorithm.ddpo_gamma and algorithm.mdpo are options of algorithm.name=dpo")
+        defaults = {"loss_type": "sigmoid", "label_smoothing": 0.0, "gamma": 0.5}
+        unused = [key for key, default in defaults.items() if getattr(self, key) != default]
+        if self.name != "dpo" and unused:
+            raise ValueError(f"algorithm.{unused[0]} is an option of algorithm.name=dpo, not {self.name}")
+        unused = [key for key in ("desirable_weight", "undesirable_weight") if getattr(self, key) != 1.0]
+        if self.name != "kto" and unused:
+            raise ValueError(f"algorithm.{unused[0]} is an option of algorithm.name=kto, not {self.name}")
         if self.name == "dpo":
             try:
-                normalise_loss_types(self.loss_type)
+                weights = normalise_loss_types(self.loss_type)
+                check_loss_options(weights, label_smoothing=self.label_smoothing, gamma=self.gamma)
             except ValueError as error:
                 raise ValueError(f"algorithm.{error}") from None
+            batch_level = [t for t in weights if t in BATCH_LEVEL]
+            if batch_level and self.mdpo is not None:
+                raise ValueError(f"algorithm.mdpo does not combine with the batch-level loss_type "
+                                 f"{batch_level[0]!r}")
         return self
 
 
@@ -217,8 +247,9 @@ class CheckpointSpec(Section):
 
 
 class TrackingSpec(Section):
+    # Logs go to the run folder (`vlrlhf run --run-dir`, default runs/NAME): metrics.jsonl
+    # always, tensorboard/ or wandb/ beside it, curves.png at the end.
     kind: Literal["jsonl", "tensorboard", "wandb"] = "jsonl"
-    dir: str = "runs/logs"
     project: str = "vlrlhf"
     offline: bool = True  # wandb without a network
 
@@ -271,8 +302,11 @@ class JobSpec(Section):
         if self.trainer.batch_size % workers:
             raise ValueError(f"trainer.batch_size={self.trainer.batch_size} must divide evenly over "
                              f"resources.policy.num_workers={workers}")
-        if self.algorithm.name == "kto" and self.trainer.batch_size // workers < 2:
-            raise ValueError("algorithm.name=kto needs trainer.batch_size >= 2 per worker (KTO's KL reference point)")
+        if self.algorithm.name == "kto" and self.trainer.batch_size < 2:
+            # z_ref is a mean over the whole step's mismatched pairs (all micro-batches and workers),
+            # so micro-batches of any size work; one pair in a step is no estimate.
+            raise ValueError("algorithm.name=kto needs trainer.batch_size >= 2 (KTO's KL reference point is a "
+                             "mean over the step's mismatched pairs)")
         for role in ("reference", "rollout", "reward", "critic"):
             group = getattr(self.resources, role)
             if group.colocate and (group.num_workers != self.resources.policy.num_workers or group.num_workers == 0):
@@ -375,7 +409,6 @@ def load_spec(path: str | pathlib.Path, overrides: list[str] = ()) -> JobSpec:
                                                      base_for("online.reward_model.path"))
         spec.online.critic.path = _resolve(spec.online.critic.path, base_for("online.critic.path"))
     spec.checkpoint.dir = _resolve(spec.checkpoint.dir, pathlib.Path.cwd())
-    spec.tracking.dir = _resolve(spec.tracking.dir, pathlib.Path.cwd())
     if spec.evaluation is not None:
         spec.evaluation.data = _resolve(spec.evaluation.data, base_for("evaluation.data"))
     return spec

@@ -115,3 +115,66 @@ def test_a_save_that_fails_midway_leaves_the_last_checkpoint_loadable(tmp_path):
     checkpoints.save(4, good)
     checkpoints.save(6, good)
     assert [p.name for p in checkpoints.complete()] == ["step-000004", "step-000006"]  # keep_last=2
+
+
+def test_pipeline_budget_is_what_the_groups_leave_free():
+    from jobs.common import PipelineBudgetError, pipeline_budget
+    from vlrlhf.config import load_spec
+
+    def budget(cpus: float, *overrides: str):
+        spec = load_spec(ROOT / "configs" / "demo_dpo.yaml", list(overrides))
+        return pipeline_budget(spec, ("policy", "reference"), cluster_cpus=cpus)
+
+    # policy 1 x 1 CPU, reference in-process: 3 of 4 CPUs free, the stage takes data.pipeline_cpus=1
+    assert (budget(4).task_cpus, budget(4).concurrency) == (1.0, 1)
+    assert budget(4, "data.pipeline_cpus=3").concurrency == 3
+    assert budget(4, "data.pipeline_cpus=8").concurrency == 3  # never more than is free
+    fractional = budget(2, "resources.policy.cpus=0.75", "resources.reference={num_workers: 1, cpus: 0.75}",
+                        "data.pipeline_cpus=0.5")
+    assert (fractional.task_cpus, fractional.concurrency) == (0.5, 1)
+    with pytest.raises(PipelineBudgetError, match=r"reserve 2 of the cluster's 2 CPUs \(policy 1 x 1, reference "
+                                                  r"1 x 1\), leaving 0 for the data pipeline, which needs 1"):
+        budget(2, "resources.reference={num_workers: 1, cpus: 1}")
+
+
+class Alarm:
+    """Fail the test instead of hanging the suite (the bug this guards against is a silent hang)."""
+
+    def __init__(self, seconds: int):
+        self.seconds = seconds
+
+    def __enter__(self):
+        import signal
+
+        def fail(*_):
+            raise TimeoutError(f"still running after {self.seconds}s: the job hangs")
+
+        self.previous = signal.signal(signal.SIGALRM, fail)
+        signal.alarm(self.seconds)
+
+    def __exit__(self, *exc):
+        import signal
+
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, self.previous)
+
+
+def test_groups_that_take_every_cpu_stop_before_training_and_a_fractional_budget_runs(ray_cluster, tmp_path,
+                                                                                        capsys):
+    """On the 2-CPU test cluster: policy and reference at 1 CPU each used to hang in Ray Data
+    forever; now the job refuses at once. With 0.75 + 0.75 and a 0.5-CPU pipeline it trains."""
+    import ray
+
+    spec = str(ROOT / "configs" / "demo_dpo.yaml")
+    common = ["trainer.max_steps=2", "trainer.eval_every=0", "data.eval=[]", f"checkpoint.dir={tmp_path / 'ck'}"]
+    with Alarm(120):
+        code = run_job(spec, common + ["resources.reference={num_workers: 1, cpus: 1}"], run_dir=str(tmp_path / "a"))
+    assert code == 2
+    assert "reserve 2 of the cluster's 2 CPUs (policy 1 x 1, reference 1 x 1)" in capsys.readouterr().err
+    assert ray.available_resources().get("CPU") == 2  # refused before any group was placed
+    with Alarm(300):
+        code = run_job(spec, common + ["resources.policy.cpus=0.75", "data.pipeline_cpus=0.5",
+                                       "resources.reference={num_workers: 1, cpus: 0.75}"],
+                       run_dir=str(tmp_path / "b"))
+    assert code == 0
+    assert sorted(train_losses(tmp_path / "b")) == [1, 2]

@@ -202,8 +202,18 @@ def ordered(records: list, seed: int | None, epoch: int = 0) -> list:
     return [records[i] for i in permutation]
 
 
+@dataclasses.dataclass(frozen=True)
+class PipelineResources:
+    """What the encode stage may take from the cluster: CPUs per task and tasks at once
+    (None: as many as Ray Data likes). jobs.common.pipeline_budget derives them from the
+    spec and what the actor groups leave free."""
+
+    task_cpus: float = 1.0
+    concurrency: int | None = None
+
+
 def encoded_dataset(records: list, settings: EncodeSettings, *, start: int = 0, batch_size: int = 16,
-                    concurrency: int | None = None, num_cpus: float = 1.0):
+                    resources: PipelineResources = PipelineResources()):
     """A Ray Data dataset of encoded rows for records[start:], in order."""
     import ray
 
@@ -220,7 +230,8 @@ def encoded_dataset(records: list, settings: EncodeSettings, *, start: int = 0, 
     blocks = max(1, min(len(rows) // batch_size, 64))
     dataset = ray.data.from_items(rows, override_num_blocks=blocks)
     return dataset.map_batches(encode_batch, fn_kwargs={"settings": settings}, batch_size=batch_size,
-                               batch_format="numpy", concurrency=concurrency, num_cpus=num_cpus)
+                               batch_format="numpy", concurrency=resources.concurrency,
+                               num_cpus=resources.task_cpus)
 
 
 def iter_encoded(dataset, bad: BadRecords) -> Iterator[EncodedItem]:
