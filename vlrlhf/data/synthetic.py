@@ -4,9 +4,12 @@ Every image shows one shape (circle, square or triangle) in one of four colours,
 placed and sized at random. Questions ask for the colour or the shape. The files use
 the public formats users bring, so the demo runs through the same converters:
 
-  sft.json          LLaVA conversations                  (format: llava)
-  preference.json   image/prompt/chosen/rejected         (format: plain_dpo); rejected is a
-                    plausible wrong answer: another colour or another shape
+  sft.json          LLaVA conversations                  (format: llava); the captioner
+                    hallucinates from the question: asked the colour of a triangle it says
+                    "red", of a square "blue", in 3 of 4 cases whatever the image shows
+  preference.json   image/prompt/chosen/rejected         (format: plain_dpo); rejected is the
+                    captioner's hallucination where it has one, else a plausible wrong
+                    answer: another colour or another shape
   kto.jsonl         prompt/completion/label, half wrong  (format: kto)
   prompts.jsonl     prompt + reference answer            (format: prompts)
   test_*.{json,jsonl}  the same kinds on held-out images
@@ -26,6 +29,12 @@ COLOURS = {"red": (220, 30, 30), "green": (30, 170, 60), "blue": (40, 70, 220), 
 SHAPES = ("circle", "square", "triangle")
 KINDS = ("sft", "preference", "kto", "prompts")
 IMAGE_SIZE = 56
+# The SFT captioner's systematic error, a language-prior hallucination as in real caption
+# data (what RLHF-V's and POPE-style corrections target): asked the colour of a shape it
+# answers from the question, not the image, at HALLUCINATION_RATE. The preference pairs
+# prefer the truth over that answer, so DPO has a gap to close that SFT cannot.
+HALLUCINATIONS = {"triangle": "red", "square": "blue"}
+HALLUCINATION_RATE = 0.75
 
 
 def draw(shape: str, colour: str, rng: random.Random, size: int = IMAGE_SIZE) -> Image.Image:
@@ -58,8 +67,15 @@ def make_items(count: int, seed: int, split: str) -> list[dict]:
             question, answer = "What shape is in the image?", shape
             wrong = rng.choice([s for s in SHAPES if s != shape])
             task = "shape"
+        image_seed = rng.random()
+        caption = answer
+        if task == "colour" and HALLUCINATIONS.get(shape, colour) != colour:
+            wrong = HALLUCINATIONS[shape]
+            if rng.random() < HALLUCINATION_RATE:
+                caption = wrong
         items.append({"index": index, "shape": shape, "colour": colour, "question": question,
-                      "answer": answer, "wrong": wrong, "task": task, "image_seed": rng.random()})
+                      "answer": answer, "wrong": wrong, "caption": caption, "task": task,
+                      "image_seed": image_seed})
     return items
 
 
@@ -73,10 +89,11 @@ def write_images(items: list[dict], out_dir: pathlib.Path, split: str) -> None:
         item["image"] = f"images/{split}/{item['index']:05d}.png"
 
 
-def rows_for(kind: str, items: list[dict]) -> list[dict]:
-    if kind == "sft":
+def rows_for(kind: str, items: list[dict], split: str = "train") -> list[dict]:
+    if kind == "sft":  # training captions carry the hallucination; test answers are the truth
+        key = "caption" if split == "train" else "answer"
         return [{"id": f"shapes-{i['index']}", "image": i["image"], "conversations": [
-            {"from": "human", "value": f"<image>\n{i['question']}"}, {"from": "gpt", "value": i["answer"]}]}
+            {"from": "human", "value": f"<image>\n{i['question']}"}, {"from": "gpt", "value": i[key]}]}
             for i in items]
     if kind == "preference":
         return [{"image": i["image"], "prompt": i["question"], "chosen": i["answer"], "rejected": i["wrong"]}
@@ -115,6 +132,6 @@ def synthesize(out_dir: str | pathlib.Path, kinds: tuple[str, ...] = KINDS, *, n
         write_images(items, out, split)
         for kind in kinds:
             name = FILE_NAMES[kind] if split == "train" else "test_" + FILE_NAMES[kind]
-            write_rows(rows_for(kind, items), out / name)
+            write_rows(rows_for(kind, items, split), out / name)
             written[name] = out / name
     return written
