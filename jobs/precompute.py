@@ -25,7 +25,8 @@ def precompute_reference(group, data, adapter, batch_size: int, micro_batch_size
     started = time.perf_counter()
     pending = []
     for records in (data.train, data.held_out):
-        items = list(iter_encoded(encoded_dataset(records, data.settings, resources=data.resources), data.bad)) if records else []
+        dataset = encoded_dataset(records, data.settings, resources=data.resources) if records else None
+        items = list(iter_encoded(dataset, data.bad)) if records else []
         for number, start in enumerate(range(0, len(items), batch_size)):  # a chunk per call, round robin
             (micro_items,) = split_shares(items[start:start + batch_size], 1, micro_batch_size)
             micro_batches = [collate_items(adapter, micro) for micro in micro_items]

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from vlrlhf.data.pipeline import (EncodedPair, EncodeSettings, encode_record, encoded_dataset, iter_batches,
-                                  iter_encoded, ordered, split_for_consumers, split_records)
+                                  iter_encoded, ordered, split_records)
 from vlrlhf.data.reader import BadRecordError, BadRecords, read_records
 from vlrlhf.data.synthetic import synthesize
 from vlrlhf.models.registry import load_adapter
@@ -64,25 +64,6 @@ def test_eval_split_never_leaks_into_training(shapes):
     assert {r.id for r in shuffled_eval} == {r.id for r in held_out}  # order does not move rows across
     with pytest.raises(ValueError, match="eval_fraction=1.0"):
         split_records(records, eval_fraction=1.0)
-
-
-def test_streaming_split_gives_disjoint_complete_shares(ray_cluster, shapes, tiny_path):
-    records = read_records(str(shapes / "sft.json"), "llava")
-    settings = EncodeSettings(model_path=str(tiny_path("qwen2_vl")), task="sft", image_root=str(shapes))
-    shares = split_for_consumers(encoded_dataset(records, settings, batch_size=4), 2)
-    import threading
-
-    seen: list[list[int]] = [[], []]
-
-    def consume(index):
-        for row in shares[index].iter_rows():
-            seen[index].append(int(row["position"]))
-
-    threads = [threading.Thread(target=consume, args=(i,)) for i in range(2)]
-    [t.start() for t in threads]
-    [t.join(timeout=120) for t in threads]
-    assert not set(seen[0]) & set(seen[1])
-    assert sorted(seen[0] + seen[1]) == list(range(len(records)))
 
 
 def write_bad_file(root: pathlib.Path) -> str:

@@ -276,10 +276,3 @@ def collate_items(adapter, items: list[EncodedItem], padding_side: str = "right"
                         adapter.collate([i.encoded.mismatched for i in items], padding_side),
                         torch.tensor([i.encoded.desirable for i in items]))
     return adapter.collate([i.encoded for i in items], padding_side)
-
-
-def split_for_consumers(dataset, num_consumers: int):
-    """One streaming iterator per consumer (data-parallel workers); disjoint, together complete."""
-    if num_consumers == 1:
-        return [dataset.iterator()]
-    return dataset.streaming_split(num_consumers, equal=False)
