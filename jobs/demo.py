@@ -7,6 +7,9 @@
 4. held-out metrics of the random base, SFT, DPO and GRPO models:
    - preference accuracy: share of test pairs where log pi(chosen) > log pi(rejected)
    - exact match: greedy answers equal to the reference answer on the test questions
+   - hallucination: share of the test questions the SFT captions hallucinate on (the
+     colour of a triangle or square; vlrlhf.data.synthetic.HALLUCINATIONS) answered
+     with the hallucinated colour
    - shapes benchmark: the same questions as a multiple-choice benchmark TSV, run
      through `vlrlhf eval` (Ray Data generation, MMBench's circular scoring).
 
@@ -24,6 +27,7 @@ import torch
 
 from vlrlhf.data.images import load_image
 from vlrlhf.data.reader import read_records
+from vlrlhf.data.synthetic import HALLUCINATIONS
 from vlrlhf.models.logprobs import sequence_logprobs
 from vlrlhf.models.registry import load_adapter
 from vlrlhf.models.tiny import FAMILIES, build_tiny_model
@@ -54,17 +58,29 @@ def preference_accuracy(adapter, model, records, image_root, batch_size: int = 3
 
 
 @torch.no_grad()
-def exact_match(adapter, model, records, image_root, batch_size: int = 32) -> float:
-    hits = 0
+def greedy_answers(adapter, model, records, image_root, batch_size: int = 32) -> list[str]:
+    answers = []
     for start in range(0, len(records), batch_size):
         chunk = records[start:start + batch_size]
         prompts = [adapter.encode_prompt([m.model_dump() for m in r.messages[:-1]],
                                          [load_image(s, image_root=image_root) for s in r.images]) for r in chunk]
         outputs = adapter.generate(model, adapter.collate(prompts, padding_side="left"), max_new_tokens=6)
-        for record, tokens in zip(chunk, outputs, strict=True):
-            answer = adapter.tokenizer.decode(tokens, skip_special_tokens=True).strip().lower()
-            hits += answer == record.messages[-1].content.strip().lower()
+        answers += [adapter.tokenizer.decode(tokens, skip_special_tokens=True).strip().lower() for tokens in outputs]
+    return answers
+
+
+def exact_match(records, answers: list[str]) -> float:
+    hits = sum(a == r.messages[-1].content.strip().lower() for r, a in zip(records, answers, strict=True))
     return hits / len(records)
+
+
+def hallucination_rate(records, answers: list[str]) -> float:
+    """Share of the questions the SFT captioner hallucinates on (the colour of a triangle or a
+    square that is not its prior colour) answered with the hallucination."""
+    asked = [(a, HALLUCINATIONS[shape]) for r, a in zip(records, answers, strict=True)
+             for shape in HALLUCINATIONS if r.messages[-2].content.endswith(f"colour is the {shape}?")
+             and r.messages[-1].content != HALLUCINATIONS[shape]]
+    return sum(answer == prior for answer, prior in asked) / max(1, len(asked))
 
 
 def held_out_metrics(path: str) -> dict[str, float]:
@@ -72,8 +88,9 @@ def held_out_metrics(path: str) -> dict[str, float]:
     model = adapter.load_model().eval()
     pairs = read_records(str(DATA / "test_preference.json"), "plain_dpo")
     questions = read_records(str(DATA / "test_sft.json"), "llava")
+    answers = greedy_answers(adapter, model, questions, DATA)
     return {"preference_accuracy": preference_accuracy(adapter, model, pairs, DATA),
-            "exact_match": exact_match(adapter, model, questions, DATA)}
+            "exact_match": exact_match(questions, answers), "hallucination": hallucination_rate(questions, answers)}
 
 
 # ---------------------------------------------------------------- the demo
@@ -117,10 +134,10 @@ def run_demo(out_dir: str | pathlib.Path = ".demo", seed: int = 0) -> dict[str, 
     print()
     print(f"held-out shapes test set ({len(read_records(str(DATA / 'test_preference.json'), 'plain_dpo'))} pairs, "
           f"{len(read_records(str(DATA / 'test_sft.json'), 'llava'))} questions)")
-    print(f"{'model':<16}{'preference accuracy':>22}{'exact match':>14}{'shapes bench':>15}")
+    print(f"{'model':<16}{'preference accuracy':>22}{'exact match':>14}{'hallucination':>15}{'shapes bench':>15}")
     for name, metrics in results.items():
         print(f"{name:<16}{metrics['preference_accuracy']:>22.2f}{metrics['exact_match']:>14.2f}"
-              f"{metrics['shapes_bench']:>15.2f}")
+              f"{metrics['hallucination']:>15.2f}{metrics['shapes_bench']:>15.2f}")
     reward_accuracy = dpo["eval"].get("eval/reward_accuracy", 0.0)
     print(f"DPO reward accuracy on the test pairs (implicit reward vs its SFT reference): {reward_accuracy:.2f}")
     first, last = sum(rewards[:10]) / 10, sum(rewards[-10:]) / 10

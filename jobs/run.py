@@ -110,5 +110,5 @@ def run_job(spec_path: str, overrides: list[str], run_dir: str | None = None) ->
         run_eval(EvalSpec(name=f"{spec.name}-eval", model=spec.model.model_copy(
             update={"path": summary["local_checkpoint"], "lora": None}), benchmarks=evaluation.benchmarks,
             data=evaluation.data, limit=evaluation.limit, generation={"max_new_tokens": evaluation.max_new_tokens},
-            judge=evaluation.judge, output=str(folder / "eval")))
+            judge=evaluation.judge, rules=evaluation.rules, output=str(folder / "eval")))
     return 0

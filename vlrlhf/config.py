@@ -262,6 +262,7 @@ class EvaluationSpec(Section):
     limit: int | None = Field(None, gt=0)
     max_new_tokens: int = Field(64, gt=0)
     judge: dict[str, Any] | None = None  # the eval spec's judge section
+    rules: Literal["official", "vlmevalkit"] = "official"  # scoring rules (docs/evaluation.md)
 
     @field_validator("benchmarks")
     @classmethod

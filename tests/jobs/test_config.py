@@ -144,3 +144,11 @@ def test_resume_off_spelled_as_typed(tmp_path, typed, resume):
     path = minimal(tmp_path)
     path.write_text(path.read_text() + f"checkpoint:\n  resume: {typed}\n")
     assert load_spec(path).checkpoint.resume == resume
+
+
+def test_the_evaluation_section_takes_the_scoring_rules():
+    spec = load_spec(ROOT / "configs" / "demo_sft.yaml", ["evaluation.rules=vlmevalkit"])
+    assert spec.evaluation.rules == "vlmevalkit"
+    assert load_spec(ROOT / "configs" / "demo_sft.yaml").evaluation.rules == "official"
+    with pytest.raises(SpecError, match="evaluation.rules: must be one of"):
+        load_spec(ROOT / "configs" / "demo_sft.yaml", ["evaluation.rules=lenient"])
