@@ -23,8 +23,9 @@ from vlrlhf.config import AlgorithmSpec, ModelSpec, TrainerSpec
 from vlrlhf.models.base import LoadOptions
 from vlrlhf.models.registry import load_adapter
 from vlrlhf.data.pipeline import KTOBatch
-from vlrlhf.training import (dpo_micro_step, kto_micro_step, move_pairs, reward_micro_step, rl_micro_step,
-                             sft_micro_step)
+from vlrlhf.losses.preference import RunningMean
+from vlrlhf.training import (dpo_micro_step, dpo_step_statistics, kto_micro_step, kto_step_reference_point,
+                             move_pairs, reward_micro_step, rl_micro_step, sft_micro_step, uses_batch_statistics)
 
 ONLINE = ("grpo", "rloo", "reinforce_pp", "ppo")
 
@@ -82,6 +83,7 @@ class PolicyWorker(WorkerBase):
         self.optimizer = torch.optim.AdamW(self.parameters, lr=trainer.lr, weight_decay=trainer.weight_decay)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, schedule(trainer, total_steps))
         self.step = 0
+        self.bco_baseline = RunningMean()  # bco_pair's delta: one per job, saved with checkpoints
         self.deepspeed = None  # DeepSpeedStrategy, built in setup_distributed (it needs the world size)
 
     def setup_distributed(self, master, port, rank, world_size):
@@ -102,7 +104,31 @@ class PolicyWorker(WorkerBase):
                 dist.broadcast(parameter.data, src=0)
 
     # ------------------------------------------------------------------ training
-    def _micro_loss(self, micro, reference, normaliser):
+    def _gather(self, values: torch.Tensor) -> torch.Tensor:
+        """Every worker's (n,) values concatenated in rank order: the global batch's order
+        (the driver gives each worker an equal, contiguous share)."""
+        if self.world_size == 1:
+            return values
+        import torch.distributed as dist
+
+        parts = [torch.empty_like(values) for _ in range(self.world_size)]
+        dist.all_gather(parts, values.contiguous())
+        return torch.cat(parts)
+
+    def _step_statistics(self, micro_batches: list, references: list, train: bool) -> list:
+        """Per micro-batch, what its loss needs from the step's global batch (a no-grad pass
+        first; see vlrlhf.training): KTO's reference point, the batch-level DPO types'
+        BatchStatistics, else None."""
+        if self.algorithm.name == "kto":
+            point = kto_step_reference_point(self.adapter, self.model, micro_batches, references, self.device,
+                                             self._gather)
+            return [point] * len(micro_batches)
+        if uses_batch_statistics(self.algorithm):
+            return dpo_step_statistics(self.adapter, self.model, micro_batches, references, self.algorithm,
+                                       self.device, self._gather, self.rank, self.bco_baseline, train=train)
+        return [None] * len(micro_batches)
+
+    def _micro_loss(self, micro, reference, normaliser, statistics=None):
         name = self.algorithm.name
         if name == "sft":
             return sft_micro_step(self.adapter, self.model, micro.to(self.device), self.algorithm, normaliser)
@@ -113,26 +139,27 @@ class PolicyWorker(WorkerBase):
                                      self.algorithm, normaliser)
         if name == "dpo":
             return dpo_micro_step(self.adapter, self.model, move_pairs(micro, self.device), reference,
-                                  self.algorithm, normaliser)
+                                  self.algorithm, normaliser, statistics)
         batch = KTOBatch(micro.completions.to(self.device), micro.mismatched.to(self.device), micro.desirable)
-        return kto_micro_step(self.adapter, self.model, batch, reference, self.algorithm, normaliser)
+        return kto_micro_step(self.adapter, self.model, batch, reference, self.algorithm, normaliser, statistics)
 
     def train_step(self, micro_batches: list, reference, normaliser: float) -> dict:
         """One optimizer step over this worker's micro-batches; returns metric sums."""
         reference = resolve(reference)
         references = reference if reference is not None else [None] * len(micro_batches)
         sums = []
+        statistics = self._step_statistics(micro_batches, references, train=True)
         if self.deepspeed is not None:
             self.deepspeed.check_boundary(len(micro_batches))
-            for micro, ref in zip(micro_batches, references, strict=True):
+            for micro, ref, stats in zip(micro_batches, references, statistics, strict=True):
                 self.deepspeed.before_forward()
-                loss, metrics = self._micro_loss(micro, ref, normaliser)
+                loss, metrics = self._micro_loss(micro, ref, normaliser, stats)
                 self.deepspeed.backward(loss)
                 sums.append(metrics)
             self.step += 1
             return {"sums": sums, "grad_norm": self.deepspeed.grad_norm(), "lr": self.scheduler.get_last_lr()[0]}
-        for micro, ref in zip(micro_batches, references, strict=True):
-            loss, metrics = self._micro_loss(micro, ref, normaliser)
+        for micro, ref, stats in zip(micro_batches, references, statistics, strict=True):
+            loss, metrics = self._micro_loss(micro, ref, normaliser, stats)
             loss.backward()
             sums.append(metrics)
         grad_norm = optimizer_step(self.parameters, self.world_size, self.optimizer, self.scheduler,
@@ -147,8 +174,9 @@ class PolicyWorker(WorkerBase):
         references = reference if reference is not None else [None] * len(micro_batches)
         self.model.eval()
         try:
-            sums = [self._micro_loss(micro, ref, 1.0)[1] for micro, ref in zip(micro_batches, references,
-                                                                                  strict=True)]
+            statistics = self._step_statistics(micro_batches, references, train=False)
+            sums = [self._micro_loss(micro, ref, 1.0, stats)[1]
+                    for micro, ref, stats in zip(micro_batches, references, statistics, strict=True)]
         finally:
             self.model.train()
         return {"sums": sums}
@@ -170,7 +198,8 @@ class PolicyWorker(WorkerBase):
         """Rank 0 writes an HF folder (adapter folder for LoRA) plus the training state;
         with DeepSpeed every rank also writes its partition of the engine state."""
         out = pathlib.Path(folder)
-        state = {"step": self.step, "rng": _rng_state(), **trainer_state}
+        state = {"step": self.step, "rng": _rng_state(), "bco_baseline": self.bco_baseline.state_dict(),
+                 **trainer_state}
         full_weights = None
         if self.deepspeed is not None:  # collectives: every rank takes part
             full_weights = self.deepspeed.full_state_dict()
@@ -209,8 +238,10 @@ class PolicyWorker(WorkerBase):
             self.optimizer.load_state_dict(state["optimizer"])
             self.scheduler.load_state_dict(state["scheduler"])
         self.step = state["step"]
+        if "bco_baseline" in state:  # checkpoints written before it was kept start from an empty mean
+            self.bco_baseline.load_state_dict(state["bco_baseline"])
         _set_rng_state(state["rng"])
-        return {k: v for k, v in state.items() if k not in ("optimizer", "scheduler", "rng")}
+        return {k: v for k, v in state.items() if k not in ("optimizer", "scheduler", "rng", "bco_baseline")}
 
     @torch.no_grad()
     def sync_state(self) -> dict:

@@ -16,7 +16,8 @@ import torch
 from vlrlhf.config import AlgorithmSpec
 from vlrlhf.data.pipeline import KTOBatch, PairBatch
 from vlrlhf.losses.ddpo import weighted_sequence_logps
-from vlrlhf.losses.preference import dpo_loss, kto_loss, mdpo_loss
+from vlrlhf.losses.preference import (BATCH_LEVEL, BatchStatistics, RunningMean, batch_statistics, dpo_loss,
+                                     kto_loss, kto_reference_point, mdpo_loss, normalise_loss_types)
 from vlrlhf.losses.sft import sft_loss
 from vlrlhf.models.batch import ModelBatch
 from vlrlhf.models.logprobs import sequence_logprobs
@@ -61,8 +62,11 @@ def move_pairs(pairs: PairBatch, device) -> PairBatch:
                      None if pairs.corrupted is None else pairs.corrupted.to(device))
 
 
-def dpo_micro_step(adapter, model, pairs: PairBatch, reference: PairLogps | None,
-                   algorithm: AlgorithmSpec, normaliser: float) -> tuple[torch.Tensor, dict[str, float]]:
+def dpo_micro_step(adapter, model, pairs: PairBatch, reference: PairLogps | None, algorithm: AlgorithmSpec,
+                   normaliser: float,
+                   statistics: BatchStatistics | None = None) -> tuple[torch.Tensor, dict[str, float]]:
+    """`statistics`: this micro-batch's share of the step's global batch (dpo_step_statistics),
+    for the batch-level loss types; None when none is used."""
     policy = pair_logps(adapter, model, pairs)
     device = policy.chosen.device
     ref_c = reference.chosen.to(device) if reference is not None else None
@@ -78,7 +82,7 @@ def dpo_micro_step(adapter, model, pairs: PairBatch, reference: PairLogps | None
                         image_weight=algorithm.mdpo.image_weight, anchor_weight=algorithm.mdpo.anchor_weight,
                         **options)
     else:
-        out = dpo_loss(policy.chosen, policy.rejected, ref_c, ref_r, **options)
+        out = dpo_loss(policy.chosen, policy.rejected, ref_c, ref_r, statistics=statistics, **options)
     loss = out.losses.sum() / normaliser
     margin = out.chosen_rewards - out.rejected_rewards
     metrics = {"loss_sum": float(out.losses.detach().sum()), "count": len(margin),
@@ -108,13 +112,13 @@ def sft_micro_step(adapter, model, batch: ModelBatch, algorithm: AlgorithmSpec,
 
 
 def kto_micro_step(adapter, model, batch: KTOBatch, reference: tuple[torch.Tensor, torch.Tensor],
-                   algorithm: AlgorithmSpec, normaliser: float) -> tuple[torch.Tensor, dict[str, float]]:
+                   algorithm: AlgorithmSpec, normaliser: float,
+                   reference_point: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
+    """`reference_point`: KTO's z_ref of the step's global batch (kto_step_reference_point)."""
     policy_logps, _ = sequence_logps(adapter, model, batch.completions)
     desirable = batch.desirable
-    with torch.no_grad():  # the KL reference point carries no gradient
-        kl_logps, _ = sequence_logps(adapter, model, batch.mismatched)
-    ref_logps, ref_kl = (value.to(policy_logps.device) for value in reference)
-    out = kto_loss(policy_logps, ref_logps, desirable.to(policy_logps.device), kl_logps, ref_kl,
+    ref_logps = reference[0].to(policy_logps.device)
+    out = kto_loss(policy_logps, ref_logps, desirable.to(policy_logps.device), reference_point=reference_point,
                    beta=algorithm.beta, desirable_weight=algorithm.desirable_weight,
                    undesirable_weight=algorithm.undesirable_weight)
     loss = out.losses.sum() / normaliser
@@ -123,6 +127,50 @@ def kto_micro_step(adapter, model, batch: KTOBatch, reference: tuple[torch.Tenso
                "desirable_reward_sum": float(out.rewards[good].sum()), "desirable_count": float(good.sum()),
                "undesirable_reward_sum": float(out.rewards[~good].sum()), "undesirable_count": float((~good).sum())}
     return loss, metrics
+
+
+# ---------------------------------------------------------------- whole-step statistics
+# Some objectives need a statistic of the step's GLOBAL batch before any micro-batch's loss:
+# KTO's reference point, BCO's delta, AOT's ranks. A no-grad pass over this worker's
+# micro-batches computes the per-example inputs; `gather` concatenates every worker's in
+# rank order (the global batch's order; identity for one worker). The statistic is then
+# the same whatever the micro-batch size and worker count.
+
+@torch.no_grad()
+def kto_step_reference_point(adapter, model, micro_batches: list[KTOBatch], references: list, device,
+                             gather) -> torch.Tensor:
+    """() z_ref from every mismatched pair of the step (kto_reference_point on the global batch)."""
+    kl_policy = torch.cat([sequence_logps(adapter, model, micro.mismatched.to(device))[0].float()
+                           for micro in micro_batches])
+    kl_ref = torch.cat([ref[1].float() for ref in references]).to(kl_policy.device)
+    return kto_reference_point(gather(kl_policy), gather(kl_ref))
+
+
+def uses_batch_statistics(algorithm: AlgorithmSpec) -> bool:
+    return algorithm.name == "dpo" and any(t in BATCH_LEVEL for t in normalise_loss_types(algorithm.loss_type))
+
+
+@torch.no_grad()
+def dpo_step_statistics(adapter, model, micro_batches: list[PairBatch], references: list, algorithm: AlgorithmSpec,
+                        device, gather, rank: int, baseline: RunningMean,
+                        train: bool = True) -> list[BatchStatistics]:
+    """One BatchStatistics share per micro-batch, from batch_statistics on the global batch.
+    Training folds BCO's rewards into the job's `baseline` (every worker folds the same
+    gathered rewards, so the workers' baselines agree); evaluation uses it as it stands."""
+    if any(ref is None for ref in references):
+        raise ValueError(f"loss_type {algorithm.loss_type!r} needs reference log-probs (reference.mode)")
+    scored = [pair_logps(adapter, model, move_pairs(micro, device)) for micro in micro_batches]
+    local = [torch.cat([getattr(s, name).float() for s in scored]) for name in ("chosen", "rejected")]
+    local += [torch.cat([getattr(ref, name).float() for ref in references]).to(local[0].device)
+              for name in ("chosen", "rejected")]
+    pi_c, pi_r, ref_c, ref_r = (gather(values) for values in local)
+    statistics = batch_statistics(pi_c, pi_r, ref_c, ref_r, loss_type=algorithm.loss_type, beta=algorithm.beta,
+                                  baseline=baseline, fold=train)
+    shares, start = [], rank * len(local[0])
+    for s in scored:
+        shares.append(statistics.select(start, start + len(s.chosen)))
+        start += len(s.chosen)
+    return shares
 
 
 def finish_metrics(sums: list[dict[str, float]]) -> dict[str, float]:

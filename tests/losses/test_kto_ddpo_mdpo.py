@@ -2,15 +2,13 @@
 
 from __future__ import annotations
 
-import difflib
 import math
-import random
 
 import pytest
 import torch
 
-from vlrlhf.losses.ddpo import changed_token_mask, weighted_sequence_logps
-from vlrlhf.losses.preference import dpo_loss, kto_loss, mdpo_loss
+from vlrlhf.losses.ddpo import weighted_sequence_logps
+from vlrlhf.losses.preference import dpo_loss, kto_loss, kto_reference_point, mdpo_loss
 
 
 def sig(x):
@@ -49,13 +47,45 @@ def test_kto_reference_point_is_clamped_at_zero_and_detached():
     assert kl_policy.grad is None  # the reference point carries no gradient
 
 
-def test_kto_refuses_a_batch_of_one_and_bad_shapes():
+def test_kto_refuses_one_mismatched_pair_and_bad_shapes():
     one = torch.zeros(1)
-    with pytest.raises(ValueError, match="batch size 1: KTO needs at least 2"):
+    with pytest.raises(ValueError, match="1 mismatched pair\\(s\\): KTO's KL reference point needs at least 2"):
         kto_loss(one, one, torch.ones(1, dtype=torch.bool), one, one)
     two = torch.zeros(2)
     with pytest.raises(ValueError, match="ref_logps has shape"):
         kto_loss(two, torch.zeros(3), torch.ones(2), two, two)
+    with pytest.raises(ValueError, match="either kl_policy_logps and kl_ref_logps or reference_point"):
+        kto_loss(two, two, torch.ones(2), two, two, reference_point=0.1)
+    with pytest.raises(ValueError, match="reference_point=-0.5 must be one number >= 0"):
+        kto_loss(two, two, torch.ones(2), reference_point=-0.5)
+
+
+def test_kto_slices_with_the_global_reference_point_equal_the_whole_batch():
+    """A step of 4 examples in micro-batches of 1 or 2 (or on 2 workers): z_ref is the clamp of
+    the GLOBAL mean of kl_pi - kl_ref. Per-slice clamps would give z = 0 for [2, -3] and 0.5
+    for [0.5, 0.5]; the global mean is 0, so z = 0 everywhere."""
+    policy = torch.tensor([-4.0, -6.0, -5.0, -3.0])
+    ref = torch.tensor([-5.0, -5.5, -5.0, -3.5])  # r = [1.0, -0.5, 0.0, 0.5]
+    desirable = torch.tensor([True, False, True, False])
+    kl_policy = torch.tensor([-5.0, -9.0, -7.5, -7.5])
+    kl_ref = torch.tensor([-7.0, -6.0, -8.0, -8.0])  # kl_pi - kl_ref = [2, -3, 0.5, 0.5], mean 0
+    z = kto_reference_point(kl_policy, kl_ref)
+    assert z.item() == 0.0
+    beta = 0.5
+    r = [1.0, -0.5, 0.0, 0.5]
+    want = [1 - sig(beta * r[i]) if desirable[i] else 1 - sig(-beta * r[i]) for i in range(4)]
+    whole = kto_loss(policy, ref, desirable, kl_policy, kl_ref, beta=beta).losses
+    assert whole.tolist() == pytest.approx(want, abs=1e-6)
+    for size in (1, 2):
+        parts = [kto_loss(policy[i:i + size], ref[i:i + size], desirable[i:i + size], reference_point=z,
+                          beta=beta).losses for i in range(0, 4, size)]
+        assert torch.cat(parts).tolist() == pytest.approx(want, abs=1e-6)
+    # what per-slice reference points would have given instead (the bug this guards against)
+    halves = [kto_reference_point(kl_policy[i:i + 2], kl_ref[i:i + 2]).item() for i in (0, 2)]
+    assert halves == [0.0, 0.5]
+    z_mean = (0.5 + 0.3 - 0.1) / 3
+    assert kto_reference_point(torch.tensor([-7.0, -6.0, -9.0]), torch.tensor([-7.5, -6.3, -8.9])).item() == \
+        pytest.approx(z_mean, abs=1e-6)
 
 
 # ---------------------------------------------------------------- DDPO
@@ -80,68 +110,6 @@ def test_weighted_scores_feed_any_dpo_loss():
     assert out.losses.item() == pytest.approx(-logsig(-0.1), abs=1e-6)
 
 
-def difflib_reference(chosen: list[int], rejected: list[int], min_match: int) -> list[bool]:
-    """Brute force: chosen token i is unchanged iff some run of >= min_match tokens through
-    it occurs in rejected. Checked by enumerating every window."""
-    unchanged = [False] * len(chosen)
-    for start in range(len(chosen)):
-        for stop in range(start + min_match, len(chosen) + 1):
-            window = chosen[start:stop]
-            if any(rejected[j:j + len(window)] == window for j in range(len(rejected) - len(window) + 1)):
-                for i in range(start, stop):
-                    unchanged[i] = True
-    return [not u for u in unchanged]
-
-
-def test_changed_token_mask_on_a_correction():
-    # "the cat sits on a red mat" corrected from "the dog sits on a red mat"
-    chosen = torch.tensor([[10, 11, 12, 13, 14, 15, 16]])
-    rejected = torch.tensor([[10, 21, 12, 13, 14, 15, 16]])
-    assert changed_token_mask(chosen, rejected).tolist() == [[True, True, False, False, False, False, False]]
-    # "the" alone is a 1-token match, below min_match=3: counted as changed.
-    assert changed_token_mask(chosen, rejected, min_match=1).tolist() == [[False, True] + [False] * 5]
-
-
-def test_changed_token_mask_matches_brute_force_with_padding():
-    rng = random.Random(0)
-    chosen_rows, rejected_rows = [], []
-    for _ in range(12):
-        base = [rng.randrange(6) for _ in range(rng.randrange(3, 14))]
-        edited = list(base)
-        for _ in range(rng.randrange(0, 4)):
-            position = rng.randrange(len(edited))
-            edited[position] = rng.randrange(6, 9)
-        chosen_rows.append(edited)
-        rejected_rows.append(base[: rng.randrange(1, len(base) + 1)])
-    width_c, width_r = max(map(len, chosen_rows)), max(map(len, rejected_rows))
-    chosen = torch.tensor([row + [0] * (width_c - len(row)) for row in chosen_rows])
-    rejected = torch.tensor([row + [0] * (width_r - len(row)) for row in rejected_rows])
-    chosen_mask = torch.tensor([[1] * len(row) + [0] * (width_c - len(row)) for row in chosen_rows])
-    rejected_mask = torch.tensor([[1] * len(row) + [0] * (width_r - len(row)) for row in rejected_rows])
-    for min_match in (1, 2, 3):
-        got = changed_token_mask(chosen, rejected, min_match, chosen_mask, rejected_mask)
-        for i, (c, r) in enumerate(zip(chosen_rows, rejected_rows, strict=True)):
-            assert got[i, : len(c)].tolist() == difflib_reference(c, r, min_match), (c, r, min_match)
-            assert not got[i, len(c):].any()  # padding is never "changed"
-
-
-def test_changed_tokens_agree_with_difflib_on_a_simple_edit():
-    chosen, rejected = [1, 2, 3, 4, 5, 6, 7, 8], [1, 2, 3, 4, 9, 6, 7, 8]
-    matcher = difflib.SequenceMatcher(a=chosen, b=rejected, autojunk=False)
-    changed = [True] * len(chosen)
-    for block in matcher.get_matching_blocks():
-        if block.size >= 3:
-            changed[block.a: block.a + block.size] = [False] * block.size
-    assert changed_token_mask(torch.tensor([chosen]), torch.tensor([rejected]))[0].tolist() == changed
-
-
-def test_changed_token_mask_rejects_bad_shapes():
-    with pytest.raises(ValueError, match="must be \\(B, Tc\\) and \\(B, Tr\\)"):
-        changed_token_mask(torch.zeros(2, 3), torch.zeros(3, 3))
-    with pytest.raises(ValueError, match="min_match=0"):
-        changed_token_mask(torch.zeros(1, 3), torch.zeros(1, 3), min_match=0)
-
-
 # ---------------------------------------------------------------- mDPO
 
 def test_mdpo_hand_computed():
@@ -159,6 +127,12 @@ def test_mdpo_hand_computed():
                          anchor_weight=2.0)
     assert weighted.losses.item() == pytest.approx(preference + 0.5 * image + 2.0 * -logsig(beta * 1.0 - 0.2),
                                                    abs=1e-6)
+
+
+def test_mdpo_refuses_batch_level_loss_types():
+    x = torch.zeros(2)
+    with pytest.raises(ValueError, match="mDPO does not combine with the batch-level loss_type 'bco_pair'"):
+        mdpo_loss(x, x, x, x, x, x, loss_type={"sigmoid": 1.0, "bco_pair": 0.2})
 
 
 def test_mdpo_composes_with_other_loss_types():

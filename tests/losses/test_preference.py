@@ -11,7 +11,7 @@ import math
 import pytest
 import torch
 
-from vlrlhf.losses.preference import LOSS_TYPES, RunningMean, dpo_loss
+from vlrlhf.losses.preference import LOSS_TYPES, SORTING, RunningMean, batch_statistics, dpo_loss
 
 # Two pairs. a = pi_c - ref_c, b = pi_r - ref_r, h = a - b.
 PI_C, PI_R = [-5.0, -8.0], [-7.0, -6.0]
@@ -57,7 +57,7 @@ def expected(loss_type, eps=0.0, gamma=0.5, tau=0.05):
             "sigmoid_norm": -logsig(BETA * (a_n - b_n)),
             "simpo": (-(1 - eps) * logsig(BETA * (avg_c - avg_r) - gamma)
                       - eps * logsig(-(BETA * (avg_c - avg_r) - gamma))),
-            "cpo": -logsig(BETA * (PI_C[i] - PI_R[i])),
+            "cpo": -(1 - eps) * logsig(BETA * (PI_C[i] - PI_R[i])) - eps * logsig(-BETA * (PI_C[i] - PI_R[i])),
             "sft": -avg_c,
         }.get(loss_type)
         if loss_type == "exo_pair":
@@ -82,7 +82,9 @@ def test_hand_computed_values(loss_type):
     assert got.tolist() == pytest.approx(expected(loss_type), abs=1e-9)
 
 
-@pytest.mark.parametrize("loss_type, eps", [("sigmoid", 0.1), ("robust", 0.1), ("exo_pair", 1e-3), ("simpo", 0.2)])
+# cpo: cDPO smoothing as in TRL's CPOTrainer (-(1-eps) log s(x) - eps log s(-x), x = beta (pi_c - pi_r)).
+@pytest.mark.parametrize("loss_type, eps", [("sigmoid", 0.1), ("robust", 0.1), ("exo_pair", 1e-3), ("simpo", 0.2),
+                                            ("cpo", 0.1)])
 def test_label_smoothing_variants(loss_type, eps):
     got = run(loss_type, label_smoothing=eps).losses
     assert got.tolist() == pytest.approx(expected(loss_type, eps=eps), abs=1e-9)
@@ -102,17 +104,145 @@ def test_bco_pair_with_and_without_running_baseline():
     assert run("bco_pair").losses.tolist() == pytest.approx(want, abs=1e-9)
     baseline = RunningMean()
     baseline.update(torch.tensor([1.0, 3.0]))  # earlier steps: mean 2 over 2 values
-    delta = (1.0 + 3.0 + sum(rewards)) / 6
-    want = [-logsig(BETA * A[i] - delta) - logsig(-(BETA * B[i] - delta)) for i in range(2)]
-    assert run("bco_pair", baseline=baseline).losses.tolist() == pytest.approx(want, abs=1e-9)
+    tensors = [torch.tensor(v, dtype=torch.float64) for v in (PI_C, PI_R, REF_C, REF_R)]
+    statistics = batch_statistics(*tensors, loss_type="bco_pair", beta=BETA, baseline=baseline)
+    delta = (1.0 + 3.0 + sum(rewards)) / 6  # this batch is counted before it is used
     assert baseline.count == 6 and baseline.mean == pytest.approx(delta)
+    want = [-logsig(BETA * A[i] - delta) - logsig(-(BETA * B[i] - delta)) for i in range(2)]
+    assert run("bco_pair", statistics=statistics).losses.tolist() == pytest.approx(want, abs=1e-9)
+    # evaluation: the baseline as it stands, not folded again
+    frozen = batch_statistics(*tensors, loss_type="bco_pair", beta=BETA, baseline=baseline, fold=False)
+    assert frozen.bco_delta.item() == pytest.approx(delta) and baseline.count == 6
+    other = RunningMean()
+    assert other.add(6.0, 3) == 2.0 and other.add(0.0, 1) == 1.5 and other.count == 4
+
+
+def aot_reference(x, y, eps=0.0):
+    """sum_k l(sort(x)_k - sort(y)_k), l the smoothed sigmoid at BETA: AOT's loss on a batch."""
+    return sum(-(1 - eps) * logsig(BETA * (p - q)) - eps * logsig(-BETA * (p - q))
+               for p, q in zip(sorted(x), sorted(y), strict=True))
 
 
 def test_aot_sorts_across_the_batch():
-    # aot_pair: delta = sort(a) - sort(b) = [-0.5, 1.0] - [-0.5, 0.5] = [0.0, 0.5]
-    assert run("aot_pair").losses.tolist() == pytest.approx([-logsig(0.0), -logsig(BETA * 0.5)], abs=1e-9)
-    # aot: pi_c - pi_r = [2, -2] -> sorted [-2, 2]; ref_c - ref_r = [0.5, -1] -> sorted [-1, 0.5]
-    assert run("aot").losses.tolist() == pytest.approx([-logsig(BETA * -1.0), -logsig(BETA * 1.5)], abs=1e-9)
+    # aot_unpaired: sort(a) = [-0.5, 1.0], sort(b) = [-0.5, 0.5] -> delta [0.0, 0.5]. Pair 0's a = 1.0
+    # has rank 1, so pair 0 carries position 1's term and pair 1 position 0's.
+    out = run("aot_unpaired").losses.tolist()
+    assert out == pytest.approx([-logsig(BETA * 0.5), -logsig(0.0)], abs=1e-9)
+    # aot: pi_c - pi_r = [2, -2] -> sorted [-2, 2]; ref_c - ref_r = [0.5, -1] -> sorted [-1, 0.5];
+    # pair 0's margin 2 has rank 1: delta 2 - 0.5; pair 1's -2 has rank 0: delta -2 - (-1)
+    assert run("aot").losses.tolist() == pytest.approx([-logsig(BETA * 1.5), -logsig(BETA * -1.0)], abs=1e-9)
+    with_eps = run("aot", label_smoothing=0.1).losses.sum().item()
+    assert with_eps == pytest.approx(aot_reference([2.0, -2.0], [0.5, -1.0], eps=0.1), abs=1e-9)
+
+
+def test_aot_pair_is_a_deprecated_alias_of_aot_unpaired():
+    with pytest.warns(FutureWarning, match="'aot_pair' is deprecated.*'aot_unpaired'"):
+        old = run("aot_pair")
+    torch.testing.assert_close(old.losses, run("aot_unpaired").losses)
+    assert set(old.terms) == {"aot_unpaired"}
+    with pytest.warns(FutureWarning):
+        mixed = run({"aot_pair": 0.5, "sigmoid": 1.0}).losses
+    torch.testing.assert_close(mixed, run({"aot_unpaired": 0.5, "sigmoid": 1.0}).losses)
+
+
+def random_batch(n, seed):
+    generator = torch.Generator().manual_seed(seed)
+    pc, pr = (-torch.rand(n, generator=generator, dtype=torch.float64) * 20 for _ in range(2))
+    rc, rr = (v + torch.randn(n, generator=generator, dtype=torch.float64) for v in (pc, pr))
+    return pc, pr, rc, rr
+
+
+@pytest.mark.parametrize("loss_type", ["bco_pair", "aot", "aot_unpaired",
+                                       {"sigmoid": 0.8, "bco_pair": 0.2, "aot": 0.5}])
+@pytest.mark.parametrize("sizes", [[8], [4, 4], [1] * 8, [3, 1, 4]])
+def test_batch_level_types_scored_in_slices_equal_the_whole_batch(loss_type, sizes):
+    """The step's batch split into micro-batches: with the whole batch's statistics, the
+    slices' summed losses and gradients equal the whole batch's, which equal the formula
+    written out with Python's sorted() and mean."""
+    pc, pr, rc, rr = random_batch(8, seed=11)
+    weights = loss_type if isinstance(loss_type, dict) else {loss_type: 1.0}
+    a, b = (pc - rc).tolist(), (pr - rr).tolist()
+    rewards = [BETA * v for v in a + b]
+    delta = sum(rewards) / len(rewards)
+    want = 0.0
+    for name, weight in weights.items():
+        if name == "bco_pair":
+            want += weight * sum(-logsig(BETA * a[i] - delta) - logsig(-(BETA * b[i] - delta)) for i in range(8))
+        elif name == "aot":
+            want += weight * aot_reference((pc - pr).tolist(), (rc - rr).tolist())
+        elif name == "aot_unpaired":
+            want += weight * aot_reference(a, b)
+        else:
+            want += weight * sum(-logsig(BETA * (a[i] - b[i])) for i in range(8))
+
+    def total(split):
+        policy = [pc.clone().requires_grad_(), pr.clone().requires_grad_()]
+        statistics = batch_statistics(*policy, rc, rr, loss_type=loss_type, beta=BETA)
+        value, start = 0.0, 0
+        for size in split:
+            part = slice(start, start + size)
+            out = dpo_loss(policy[0][part], policy[1][part], rc[part], rr[part], loss_type=loss_type, beta=BETA,
+                           statistics=statistics.select(start, start + size))
+            out.losses.sum().backward()
+            value += out.losses.sum().item()
+            start += size
+        return value, policy[0].grad, policy[1].grad
+
+    whole = dpo_loss(pc, pr, rc, rr, loss_type=loss_type, beta=BETA).losses.sum().item()
+    assert whole == pytest.approx(want, abs=1e-9)
+    value, grad_c, grad_r = total(sizes)
+    assert value == pytest.approx(want, abs=1e-9)
+    _, whole_c, whole_r = total([8])
+    torch.testing.assert_close(grad_c, whole_c, atol=1e-12, rtol=0)
+    torch.testing.assert_close(grad_r, whole_r, atol=1e-12, rtol=0)
+
+
+@pytest.mark.parametrize("loss_type", SORTING)
+def test_aot_gradient_is_the_gradient_of_the_sorted_sum(loss_type):
+    """d/dx_j sum_k l(sort(x)_k - sort(y)_k), by central differences on the written-out sum
+    (no ties, so sorting is locally constant)."""
+    pc, pr, rc, rr = random_batch(6, seed=5)
+    inputs = [v.clone().requires_grad_() for v in (pc, pr, rc, rr)]
+    dpo_loss(*inputs, loss_type=loss_type, beta=BETA).losses.sum().backward()
+
+    def reference(values):
+        pc_, pr_, rc_, rr_ = values
+        pairs = ((pc_, pr_), (rc_, rr_)) if loss_type == "aot" else ((pc_, rc_), (pr_, rr_))
+        return aot_reference(*([p - q for p, q in zip(*two, strict=True)] for two in pairs))
+
+    base = [v.tolist() for v in (pc, pr, rc, rr)]
+    for which in range(4):
+        for j in range(6):
+            up = [list(v) for v in base]
+            down = [list(v) for v in base]
+            up[which][j] += 1e-6
+            down[which][j] -= 1e-6
+            numeric = (reference(up) - reference(down)) / 2e-6
+            assert inputs[which].grad[j].item() == pytest.approx(numeric, abs=1e-6), (which, j)
+
+
+def test_options_the_loss_types_do_not_use_are_refused():
+    x = torch.zeros(2)
+    with pytest.raises(ValueError, match="label_smoothing=0.1 is not used by loss_type hinge, ipo"):
+        dpo_loss(x, x, x, x, loss_type=["hinge", "ipo"], label_smoothing=0.1, chosen_lengths=x, rejected_lengths=x)
+    with pytest.raises(ValueError, match="gamma=1.0 .* not used by loss_type sigmoid; it applies to simpo"):
+        dpo_loss(x, x, x, x, gamma=1.0)
+    with pytest.raises(ValueError, match="discopop_tau=0.1 is not used by loss_type sigmoid"):
+        dpo_loss(x, x, x, x, discopop_tau=0.1)
+    # a mixture takes an option when one of its types uses it (smoothing applies to that type only)
+    mixed = dpo_loss(x, x, x, x, loss_type={"sigmoid": 1.0, "hinge": 1.0}, label_smoothing=0.1)
+    assert mixed.terms["hinge"].tolist() == [1.0, 1.0]
+    simpo = dpo_loss(x, x, loss_type="simpo", gamma=1.0, chosen_lengths=x + 1, rejected_lengths=x + 1)
+    assert simpo.losses.tolist() == pytest.approx([-logsig(-1.0)] * 2)
+
+
+def test_statistics_of_another_batch_size_are_refused():
+    pc, pr, rc, rr = random_batch(4, seed=1)
+    statistics = batch_statistics(pc, pr, rc, rr, loss_type="aot", beta=BETA)
+    with pytest.raises(ValueError, match="no share for loss_type 'aot' of this batch's size 2"):
+        dpo_loss(pc[:2], pr[:2], rc[:2], rr[:2], loss_type="aot", statistics=statistics)
+    with pytest.raises(ValueError, match="no share for loss_type 'bco_pair'"):
+        dpo_loss(pc, pr, rc, rr, loss_type="bco_pair", statistics=statistics)
 
 
 def test_mixture_is_the_weighted_sum_of_terms():
@@ -217,8 +347,9 @@ def test_agrees_with_float64_brute_force_on_random_inputs(loss_type):
     assert out.tolist() == pytest.approx(want, rel=1e-9, abs=1e-9)
 
 
-# hinge has a kink; bco_pair's baseline is a detached statistic of the inputs by design.
-@pytest.mark.parametrize("loss_type", [t for t in LOSS_TYPES if t not in ("hinge", "bco_pair")])
+# hinge has a kink; bco_pair's baseline is a detached statistic of the inputs by design; the sorting
+# types split their sum over pairs by rank (their gradient: test_aot_gradient_is_the_gradient_of_the_sorted_sum).
+@pytest.mark.parametrize("loss_type", [t for t in LOSS_TYPES if t not in ("hinge", "bco_pair") + SORTING])
 def test_gradcheck(loss_type):
     generator = torch.Generator().manual_seed(3)
     inputs = [(-torch.rand(4, generator=generator, dtype=torch.float64) * 5 - 0.1).requires_grad_()
