@@ -99,7 +99,7 @@ class OfflineJob:
         spec = self.spec
         resumed = resume_from(spec, self.checkpoints)
         if resumed is not None:
-            state = self.policy.get(self.policy.broadcast("load_state", str(resumed)))[0]
+            state = self.policy.get(self.policy.broadcast("read_checkpoint", str(resumed)))[0]
             self.step, self.epoch, self.position = state["step"], state["epoch"], state["position"]
             print(f"resumed from {resumed}: step {self.step}, epoch {self.epoch}, position {self.position}")
         world = self.policy.world_size
@@ -156,8 +156,7 @@ class OfflineJob:
         if every and self.step % every == 0 and self.step < self.total_steps:
             values.update(self.evaluate())
         self.tracker.log(self.step, values)
-        if self.spec.checkpoint.every and self.step % self.spec.checkpoint.every == 0 \
-                and self.step < self.total_steps:
+        if self.checkpoints.due(self.step, self.spec.checkpoint) and self.step < self.total_steps:
             self.save()
         return values
 
@@ -188,7 +187,7 @@ class OfflineJob:
     def save(self) -> str:
         state = {"epoch": self.epoch, "position": self.position, "spec": self.spec.model_dump()}
         path = self.checkpoints.save(self.step, lambda folder: self.policy.get(
-            self.policy.broadcast("save", folder, state)))
+            self.policy.broadcast("write_checkpoint", folder, state)))  # from each worker's node
         print(f"checkpoint: {path}")
         return path
 
@@ -213,8 +212,7 @@ def print_summary(summary: dict) -> None:
 
 
 def run_offline(spec: JobSpec, run_dir: pathlib.Path) -> dict:
-    job = OfflineJob(spec, run_dir)
-    try:
-        return job.run()
-    finally:
-        job.shutdown()
+    """One job; after a worker or node failure, a new one from the last checkpoint (trainer.max_failures)."""
+    from jobs.recovery import run_with_recovery
+
+    return run_with_recovery(spec, lambda attempt: OfflineJob(attempt, run_dir))

@@ -173,9 +173,10 @@ class OnlineJob:
 
     def save(self, folder) -> None:
         state = {"epoch": 0, "position": 0, "spec": self.spec.model_dump()}
-        self.policy.get(self.policy.broadcast("save", folder, state))
+        reports = self.policy.get(self.policy.broadcast("write_checkpoint", folder, state))  # from each worker's node
         if self.critic is not None:  # the value model beside the policy: critic/ (HF folder + value head)
-            self.critic.get(self.critic.broadcast("save", str(pathlib.Path(folder) / "critic")))
+            reports += self.critic.get(self.critic.broadcast("write_checkpoint", f"{folder}/critic"))
+        return reports
 
     def train_step(self, records, requests, samples, timings, progress) -> dict:
         started = time.perf_counter() - timings["rollout_wait_s"]
@@ -221,7 +222,7 @@ class OnlineJob:
             print(f"step {self.step}/{self.total_steps} " + " ".join(f"{k.split('/', 1)[1]}={v:.4g}"
                                                                    for k, v in values.items()), flush=True)
         self.tracker.log(self.step, values)
-        if self.spec.checkpoint.every and self.step % self.spec.checkpoint.every == 0:
+        if self.checkpoints.due(self.step, self.spec.checkpoint) and self.step < self.total_steps:
             self.checkpoints.save(self.step, self.save)
         return values
 

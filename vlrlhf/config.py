@@ -195,6 +195,9 @@ class GroupSpec(Section):
     cpus: float = Field(1.0, ge=0)  # per worker
     placement: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = "PACK"
     colocate: Literal["policy"] | None = None  # share the policy's bundles (worker i on bundle i)
+    # custom Ray resources per bundle, to pin a role to a kind of node (KubeRay: rayStartParams
+    # resources); a colocated role lives in the policy's bundles and adds none of its own
+    custom_resources: dict[str, float] = {}
 
 
 class ResourcesSpec(Section):
@@ -228,11 +231,18 @@ class TrainerSpec(Section):
     seed: int = 0
     eval_every: int = Field(0, ge=0)  # steps; 0: only at the end
     log_every: int = Field(1, gt=0)
+    # Cluster runtime (docs/cluster.md). max_failures as Ray Train's FailureConfig: after a worker
+    # or node failure the job restarts from its last complete checkpoint this many times (-1: always).
+    max_failures: int = Field(0, ge=-1)
+    placement_timeout_s: float = Field(1800.0, gt=0)  # a group waits this long for its bundles (autoscaling)
+    placement_report_s: float = Field(30.0, gt=0)  # while waiting, what is missing is printed this often
+    collective_timeout_s: float = Field(600.0, gt=0)  # all-reduce & co. fail after this when a peer is lost
 
 
 class CheckpointSpec(Section):
     dir: str = "runs/checkpoints"
-    every: int = Field(0, ge=0)  # steps; 0: only at the end
+    every: int = Field(0, ge=0)  # steps; 0: by time only (every_minutes) and at the end
+    every_minutes: float = Field(30.0, ge=0)  # also save once this long passed since the last save; 0: off
     keep_last: int = Field(2, gt=0)
     resume: str = "auto"  # auto | off | a checkpoint folder
 
