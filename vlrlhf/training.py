@@ -132,9 +132,10 @@ def kto_micro_step(adapter, model, batch: KTOBatch, reference: tuple[torch.Tenso
 # ---------------------------------------------------------------- whole-step statistics
 # Some objectives need a statistic of the step's GLOBAL batch before any micro-batch's loss:
 # KTO's reference point, BCO's delta, AOT's ranks. A no-grad pass over this worker's
-# micro-batches computes the per-example inputs; `gather` concatenates every worker's in
-# rank order (the global batch's order; identity for one worker). The statistic is then
-# the same whatever the micro-batch size and worker count.
+# micro-batches computes the per-example inputs; `gather(values) -> (all, offset)`
+# concatenates every worker's (n, k) rows in rank order (the global batch's order) and says
+# where this worker's rows start ((values, 0) for one worker). The statistic is then the same
+# whatever the micro-batch size and worker count.
 
 @torch.no_grad()
 def kto_step_reference_point(adapter, model, micro_batches: list[KTOBatch], references: list, device,
@@ -143,7 +144,8 @@ def kto_step_reference_point(adapter, model, micro_batches: list[KTOBatch], refe
     kl_policy = torch.cat([sequence_logps(adapter, model, micro.mismatched.to(device))[0].float()
                            for micro in micro_batches])
     kl_ref = torch.cat([ref[1].float() for ref in references]).to(kl_policy.device)
-    return kto_reference_point(gather(kl_policy), gather(kl_ref))
+    gathered, _ = gather(torch.stack([kl_policy, kl_ref], dim=1))
+    return kto_reference_point(*gathered.unbind(1))
 
 
 def uses_batch_statistics(algorithm: AlgorithmSpec) -> bool:
@@ -152,8 +154,7 @@ def uses_batch_statistics(algorithm: AlgorithmSpec) -> bool:
 
 @torch.no_grad()
 def dpo_step_statistics(adapter, model, micro_batches: list[PairBatch], references: list, algorithm: AlgorithmSpec,
-                        device, gather, rank: int, baseline: RunningMean,
-                        train: bool = True) -> list[BatchStatistics]:
+                        device, gather, baseline: RunningMean, train: bool = True) -> list[BatchStatistics]:
     """One BatchStatistics share per micro-batch, from batch_statistics on the global batch.
     Training folds BCO's rewards into the job's `baseline` (every worker folds the same
     gathered rewards, so the workers' baselines agree); evaluation uses it as it stands."""
@@ -163,10 +164,11 @@ def dpo_step_statistics(adapter, model, micro_batches: list[PairBatch], referenc
     local = [torch.cat([getattr(s, name).float() for s in scored]) for name in ("chosen", "rejected")]
     local += [torch.cat([getattr(ref, name).float() for ref in references]).to(local[0].device)
               for name in ("chosen", "rejected")]
-    pi_c, pi_r, ref_c, ref_r = (gather(values) for values in local)
+    gathered, start = gather(torch.stack(local, dim=1))  # (N, 4) over every worker
+    pi_c, pi_r, ref_c, ref_r = gathered.unbind(1)
     statistics = batch_statistics(pi_c, pi_r, ref_c, ref_r, loss_type=algorithm.loss_type, beta=algorithm.beta,
                                   baseline=baseline, fold=train)
-    shares, start = [], rank * len(local[0])
+    shares = []
     for s in scored:
         shares.append(statistics.select(start, start + len(s.chosen)))
         start += len(s.chosen)
