@@ -11,6 +11,8 @@ sum is the gradient of the global mean (see vlrlhf.training).
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import math
 import pathlib
 import random
@@ -39,6 +41,19 @@ def load_options(model: ModelSpec) -> LoadOptions:
                        trust_remote_code=model.trust_remote_code)
 
 
+def mixed_precision(model: ModelSpec, trainer: TrainerSpec) -> torch.dtype | None:
+    """The autocast dtype of a ddp policy whose model.dtype is bfloat16: the weights the
+    optimizer updates stay fp32 (master weights; AdamW on bf16 weights rounds small updates
+    away) and the forward runs in bf16. None: plain fp32, or DeepSpeed, whose engine keeps
+    its own fp32 master copy of a bf16/fp16 model."""
+    if model.dtype == "float32" or trainer.strategy == "deepspeed":
+        return None
+    if model.dtype == "float16":
+        raise ValueError("model.dtype=float16 with trainer.strategy=ddp: fp16 training needs loss scaling, "
+                         "which the deepspeed strategy does; use bfloat16 (or strategy: deepspeed)")
+    return getattr(torch, model.dtype)
+
+
 def schedule(trainer: TrainerSpec, total_steps: int):
     def factor(step: int) -> float:
         if trainer.warmup_steps and step < trainer.warmup_steps:
@@ -61,7 +76,11 @@ class PolicyWorker(WorkerBase):
         self.model_spec, self.algorithm, self.trainer = model, algorithm, trainer
         self.device = device()
         self.adapter = load_adapter(model.path, adapter=model.adapter, options=load_options(model))
-        network = self.adapter.load_model(load_options(model))
+        self.autocast_dtype = mixed_precision(model, trainer)
+        options = load_options(model)
+        if self.autocast_dtype is not None and model.lora is None:  # full fine-tuning: fp32 master weights
+            options = dataclasses.replace(options, dtype="float32")
+        network = self.adapter.load_model(options)
         if model.freeze_vision:
             self.adapter.freeze_vision(network)
         if model.lora is not None:
@@ -70,6 +89,10 @@ class PolicyWorker(WorkerBase):
             targets = self.adapter.lora_targets(network) if model.lora.targets == "auto" else model.lora.targets
             network = get_peft_model(network, LoraConfig(r=model.lora.r, lora_alpha=model.lora.alpha,
                                                          lora_dropout=model.lora.dropout, target_modules=targets))
+        if self.autocast_dtype is not None:  # LoRA: the frozen base stays bf16, the adapters fp32
+            for parameter in network.parameters():
+                if parameter.requires_grad:
+                    parameter.data = parameter.data.float()
         if model.gradient_checkpointing:
             network.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         self.model = network.to(self.device).train()
@@ -98,12 +121,19 @@ class PolicyWorker(WorkerBase):
 
                 dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
             self.deepspeed = DeepSpeedStrategy(self.model, self.optimizer, self.scheduler, self.trainer,
-                                               world_size, self.model_spec.dtype)
+                                               world_size, self.model_spec.dtype,
+                                               variable_steps=self.online is not None)
         elif world_size > 1:  # identical replicas, whatever each process initialised
             for parameter in self.model.parameters():
                 dist.broadcast(parameter.data, src=0)
 
     # ------------------------------------------------------------------ training
+    def precision(self):
+        """The forward's compute precision: bf16 autocast over fp32 master weights, or as loaded."""
+        if self.autocast_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.autocast_dtype)
+
     def _gather(self, values: torch.Tensor) -> tuple[torch.Tensor, int]:
         """Every worker's (n_i, ...) values concatenated in rank order (the global batch's order
         when the driver gives each worker a contiguous share), and where this worker's start."""
@@ -147,12 +177,43 @@ class PolicyWorker(WorkerBase):
         batch = KTOBatch(micro.completions.to(self.device), micro.mismatched.to(self.device), micro.desirable)
         return kto_micro_step(self.adapter, self.model, batch, reference, self.algorithm, normaliser, statistics)
 
-    def train_step(self, micro_batches: list, reference, normaliser: float) -> dict:
-        """One optimizer step over this worker's micro-batches; returns metric sums."""
+    def _from_share(self, share, normaliser: float | None) -> tuple[list, list | None, float, int]:
+        """A Share of pipeline rows -> collated micro-batches, their reference log-probs, the
+        global normaliser (token-mean SFT: label tokens summed over every worker) and the
+        largest order key consumed (the driver's resume point)."""
+        from actors.reference import reference_for_share
+        from vlrlhf.data.pipeline import collate_items
+        from vlrlhf.data.shares import load_share
+
+        items, values, weight, last_key = load_share(share)
+        size = share.micro_batch_size
+        chunks = [items[start:start + size] for start in range(0, len(items), size)]
+        micro_batches = [collate_items(self.adapter, chunk) for chunk in chunks]
+        reference = reference_for_share(self, share, micro_batches, chunks, values)
+        if normaliser is None:  # this worker's weight, summed over the data-parallel group
+            total = torch.tensor([weight], dtype=torch.float64)
+            if self.world_size > 1:
+                import torch.distributed as dist
+
+                dist.all_reduce(total)
+            normaliser = float(total.item())
+        return micro_batches, reference, normaliser, last_key
+
+    def train_step(self, micro_batches, reference, normaliser: float | None) -> dict:
+        """One optimizer step over this worker's micro-batches (or its Share of the step's
+        pipeline rows); returns metric sums."""
+        last_key = None
+        if not isinstance(micro_batches, list):
+            micro_batches, reference, normaliser, last_key = self._from_share(micro_batches, normaliser)
+        result = self._train_step(micro_batches, reference, normaliser)
+        return result | ({"last_key": last_key} if last_key is not None else {})
+
+    def _train_step(self, micro_batches: list, reference, normaliser: float) -> dict:
         reference = resolve(reference)
         references = reference if reference is not None else [None] * len(micro_batches)
         sums = []
-        statistics = self._step_statistics(micro_batches, references, train=True)
+        with self.precision():
+            statistics = self._step_statistics(micro_batches, references, train=True)
         if self.deepspeed is not None:
             self.deepspeed.check_boundary(len(micro_batches))
             for micro, ref, stats in zip(micro_batches, references, statistics, strict=True):
@@ -163,7 +224,8 @@ class PolicyWorker(WorkerBase):
             self.step += 1
             return {"sums": sums, "grad_norm": self.deepspeed.grad_norm(), "lr": self.scheduler.get_last_lr()[0]}
         for micro, ref, stats in zip(micro_batches, references, statistics, strict=True):
-            loss, metrics = self._micro_loss(micro, ref, normaliser, stats)
+            with self.precision():
+                loss, metrics = self._micro_loss(micro, ref, normaliser, stats)
             loss.backward()
             sums.append(metrics)
         grad_norm = optimizer_step(self.parameters, self.world_size, self.optimizer, self.scheduler,
@@ -172,15 +234,18 @@ class PolicyWorker(WorkerBase):
         return {"sums": sums, "grad_norm": grad_norm, "lr": self.scheduler.get_last_lr()[0]}
 
     @torch.no_grad()
-    def evaluate(self, micro_batches: list, reference) -> dict:
-        """Metric sums of the objective on held-out micro-batches (no update)."""
+    def evaluate(self, micro_batches, reference) -> dict:
+        """Metric sums of the objective on held-out micro-batches, or a Share (no update)."""
+        if not isinstance(micro_batches, list):
+            micro_batches, reference, _, _ = self._from_share(micro_batches, 1.0)
         reference = resolve(reference)
         references = reference if reference is not None else [None] * len(micro_batches)
         self.model.eval()
         try:
-            statistics = self._step_statistics(micro_batches, references, train=False)
-            sums = [self._micro_loss(micro, ref, 1.0, stats)[1]
-                    for micro, ref, stats in zip(micro_batches, references, statistics, strict=True)]
+            with self.precision():
+                statistics = self._step_statistics(micro_batches, references, train=False)
+                sums = [self._micro_loss(micro, ref, 1.0, stats)[1]
+                        for micro, ref, stats in zip(micro_batches, references, statistics, strict=True)]
         finally:
             self.model.train()
         return {"sums": sums}
@@ -192,7 +257,7 @@ class PolicyWorker(WorkerBase):
 
         self.model.eval()
         try:
-            with self.model.disable_adapter():
+            with self.model.disable_adapter(), self.precision():
                 return reference_logps(self.adapter, self.model, micro_batches, self.device)
         finally:
             self.model.train()
@@ -249,27 +314,34 @@ class PolicyWorker(WorkerBase):
 
     @torch.no_grad()
     def sync_state(self) -> dict:
-        """The tensors a rollout engine must refresh, under the plain model's parameter names:
-        trainable parameters (full fine-tuning), or with LoRA the merged weights of the
-        adapted layers (W + scale * B A) plus any other trainable parameter."""
-        if self.model_spec.lora is None:
-            return {n: p.detach().cpu().clone() for n, p in self.model.named_parameters() if p.requires_grad}
-        self.model.merge_adapter()
-        try:
-            out = {}
-            for name, parameter in self.model.named_parameters():
-                if "lora_" in name:
-                    continue
-                plain = name.removeprefix("base_model.model.").replace(".base_layer.", ".")
-                if parameter.requires_grad or ".base_layer." in name:
-                    out[plain] = parameter.detach().cpu().clone()
-            return out
-        finally:
-            self.model.unmerge_adapter()
+        """The tensors a rollout engine must refresh, under the plain model's parameter names
+        (rank 0; the other ranks return {}): trainable parameters (full fine-tuning), or with
+        LoRA the merged weights of the adapted layers (W + scale * B A, computed beside W, which
+        stays untouched) plus any other trainable parameter. ZeRO-3 gathers each tensor first:
+        every rank must call this."""
+        from actors.deepspeed_engine import gathered
+
+        modules = dict(self.model.named_modules())
+        out = {}
+        for name, parameter in self.model.named_parameters():
+            adapted = ".base_layer." in name
+            if "lora_" in name or not (parameter.requires_grad or adapted):
+                continue
+            layer = modules[name.split(".base_layer.")[0]] if adapted else None
+            with gathered(list(layer.parameters()) if adapted else [parameter], self.deepspeed):
+                tensor = parameter.detach()
+                if adapted and name.endswith(".base_layer.weight"):
+                    tensor = tensor + sum(layer.get_delta_weight(a) for a in layer.active_adapters
+                                          if a in layer.lora_A)
+                if self.rank == 0:
+                    plain = name.removeprefix("base_model.model.").replace(".base_layer.", ".")
+                    out[plain] = tensor.cpu().clone()
+        return out
 
     def stage_weights(self) -> list:
-        """Rank 0, weight_sync=collective: take the sync state and return its manifest
-        [(name, shape, dtype)], which the engines need to receive the broadcast."""
+        """weight_sync=collective, every rank (ZeRO-3 gathers): take the sync state and return
+        its manifest [(name, shape, dtype)], which the engines need to receive the broadcast
+        (rank 0's; the other ranks return [])."""
         self.outgoing = self.sync_state()
         return [(name, list(t.shape), str(t.dtype).removeprefix("torch.")) for name, t in self.outgoing.items()]
 

@@ -39,3 +39,72 @@ class ReferenceWorker(WorkerBase):
 
     def logprobs(self, micro_batches: list) -> list:
         return reference_logps(self.adapter, self.model, micro_batches, self.device)
+
+
+# ---------------------------------------------------------------- the reference as a pipeline stage
+
+def row_values(output, rows: int) -> list[tuple]:
+    """One micro-batch's reference output -> a small tuple of floats per row (what the
+    pipeline's `reference` column and the precomputed Parquet hold)."""
+    if isinstance(output, tuple):  # KTO: (completion, mismatched)
+        return [(float(output[0][i]), float(output[1][i])) for i in range(rows)]
+    corrupted = output.corrupted
+    return [(float(output.chosen[i]), float(output.rejected[i]), float(output.chosen_lengths[i]),
+             float(output.rejected_lengths[i]), None if corrupted is None else float(corrupted[i]))
+            for i in range(rows)]
+
+
+def stack_values(values: list[tuple]):
+    """Per-row tuples of one micro-batch -> what the objective takes (PairLogps, or KTO's pair)."""
+    from vlrlhf.training import PairLogps
+
+    columns = list(zip(*values, strict=True))
+    if len(columns) == 2:
+        return torch.tensor(columns[0]), torch.tensor(columns[1])
+    corrupted = None if columns[4][0] is None else torch.tensor(columns[4])
+    return PairLogps(torch.tensor(columns[0]), torch.tensor(columns[1]), torch.tensor(columns[2]).long(),
+                     torch.tensor(columns[3]).long(), corrupted)
+
+
+def reference_for_share(policy, share, micro_batches: list, chunks: list, values: list | None):
+    """Reference log-probs for a policy worker's share: from the pipeline's column or the
+    precomputed table (`values`), from a reference model in this process (`local`), or from
+    the policy with its adapters disabled (`policy`); None for reference-free objectives."""
+    if values is not None:
+        out, start = [], 0
+        for chunk in chunks:
+            out.append(stack_values(values[start:start + len(chunk)]))
+            start += len(chunk)
+        return out
+    if share.reference == "policy":
+        return policy.logprobs(micro_batches)
+    if share.reference == "local":
+        if getattr(policy, "local_reference", None) is None:  # loaded once, beside the policy
+            policy.local_reference = ReferenceWorker(policy.model_spec, share.reference_path)
+        return policy.local_reference.logprobs(micro_batches)
+    return None
+
+
+class ReferenceStage:
+    """Ray Data actor-pool stage (one reference model per actor): adds the `reference`
+    column to encoded rows, micro-batch by micro-batch, ahead of the policy."""
+
+    def __init__(self, model: ModelSpec, path: str | None, micro_batch_size: int):
+        self.worker = ReferenceWorker(model, path)
+        self.micro_batch_size = micro_batch_size
+
+    def __call__(self, batch: dict) -> dict:
+        import pickle
+
+        import numpy as np
+
+        from vlrlhf.data.pipeline import collate_items
+
+        items = [pickle.loads(payload) for payload in batch["payload"]]
+        values = []
+        for start in range(0, len(items), self.micro_batch_size):
+            chunk = items[start:start + self.micro_batch_size]
+            (output,) = self.worker.logprobs([collate_items(self.worker.adapter, chunk)])
+            values += row_values(output, len(chunk))
+        batch["reference"] = np.array([pickle.dumps(v) for v in values], dtype=object)
+        return batch

@@ -8,8 +8,7 @@ import pathlib
 import time
 
 from vlrlhf.config import JobSpec
-from vlrlhf.data.pipeline import EncodeSettings, PipelineResources, collate_items, split_records
-from vlrlhf.data.reader import BadRecords, read_records
+from vlrlhf.data.pipeline import BadRows, EncodeSettings, PipelineResources, RecordSource, collate_items, record_dataset
 
 TASK_OF = {"sft": "sft", "dpo": "preference", "kto": "kto", "reward": "preference"}
 
@@ -18,26 +17,75 @@ TASK_OF = {"sft": "sft", "dpo": "preference", "kto": "kto", "reward": "preferenc
 
 @dataclasses.dataclass
 class JobData:
-    train: list
-    held_out: list
+    """The job's data as Ray Data datasets of converted records (nothing held in the driver)."""
+
+    train: object  # ray.data.Dataset of (id, record) rows
+    held_out: object | None
+    num_train: int
+    num_held_out: int
     settings: EncodeSettings
-    bad: BadRecords
+    sink: BadRows  # where tasks send bad rows (the ledger actor, under the spec's policy)
     resources: PipelineResources = PipelineResources()
+
+    def summary(self) -> str:
+        import ray
+
+        return ray.get(self.sink.ledger.summary.remote())
 
 
 def prepare_data(spec: JobSpec, run_dir: pathlib.Path) -> JobData:
-    data = spec.data
-    bad = BadRecords(data.on_bad_record, quarantine_path=run_dir / "quarantine.jsonl")
-    records = read_records(data.train, data.format, options=data.format_options, bad=bad)
+    """Sources expanded (listings only), records read and converted in Ray Data tasks and
+    counted: the first bad row stops here under `on_bad_record: raise`."""
+    from vlrlhf.data.ledger import start_ledger
+    from vlrlhf.data.sources import expand_sources
+
+    data, seed = spec.data, spec.trainer.seed
+    run_dir.mkdir(parents=True, exist_ok=True)
+    sink = BadRows(data.on_bad_record, start_ledger(data.on_bad_record, run_dir / "quarantine.jsonl"))
+    units = tuple(expand_sources(data.train))
+    common = dict(data_format=data.format, options=dict(data.format_options), seed=seed, sink=sink)
     if data.eval:
-        train, held_out = records, read_records(data.eval, data.format, options=data.format_options, bad=bad)
+        train = RecordSource(units, **common)
+        held_out = RecordSource(tuple(expand_sources(data.eval)), **common)
     else:
-        train, held_out = split_records(records, data.eval_fraction, spec.trainer.seed)
+        train = RecordSource(units, split="train", eval_fraction=data.eval_fraction, **common)
+        held_out = RecordSource(units, split="eval", eval_fraction=data.eval_fraction, **common) \
+            if data.eval_fraction else None
     settings = EncodeSettings(model_path=spec.model.path, task=TASK_OF[spec.algorithm.name],
                               adapter=spec.model.adapter, max_length=data.max_length, image_root=data.image_root,
                               max_pixels=data.max_pixels, ddpo_gamma=spec.algorithm.ddpo_gamma,
                               corrupt_keep=spec.algorithm.mdpo.keep if spec.algorithm.mdpo else None)
-    return JobData(train, held_out, settings, bad)
+    train_records = record_dataset(train)
+    held_out_records = record_dataset(held_out) if held_out is not None else None
+    num_train = raising_bad_records(train_records.count)
+    num_held_out = raising_bad_records(held_out_records.count) if held_out_records is not None else 0
+    return JobData(train_records, held_out_records if num_held_out else None, num_train, num_held_out, settings,
+                   sink)
+
+
+def raising_bad_records(call, *args):
+    """Run a Ray Data consumption; a bad row raised in a task surfaces as BadRecordError (file,
+    row and reason), not as Ray's wrapped task error."""
+    with surfacing_bad_records():
+        return call(*args)
+
+
+class surfacing_bad_records:  # noqa: N801 - a context manager, used like a function
+    """`with surfacing_bad_records(): ...` re-raises a BadRecordError found in the cause chain
+    of any error (Ray wraps task errors) as a plain BadRecordError naming file, row and reason."""
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, kind, error, traceback):
+        from vlrlhf.data.reader import BadRecordError
+
+        cause = error
+        while cause is not None and not isinstance(cause, BadRecordError):
+            cause = cause.__cause__ or getattr(cause, "cause", None)
+        if cause is not None and cause is not error:
+            raise BadRecordError(cause.where, cause.reason, cause.message) from None
+        return False
 
 
 def split_shares(items: list, world_size: int, micro_batch_size: int) -> list[list[list]]:

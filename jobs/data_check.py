@@ -5,12 +5,12 @@ from __future__ import annotations
 import collections
 import os
 import pathlib
+import pickle
 import tempfile
 
 import numpy as np
 
-from vlrlhf.data.pipeline import EncodedPair, EncodeSettings, encoded_dataset, iter_encoded
-from vlrlhf.data.reader import BadRecords, read_records
+from vlrlhf.data.pipeline import BadRows, EncodedPair, EncodeSettings, RecordSource, encoded_dataset, record_dataset
 
 
 def lengths_of(item) -> list[int]:
@@ -20,28 +20,46 @@ def lengths_of(item) -> list[int]:
     return [len(encoded)]
 
 
+def row_lengths(batch: dict) -> dict:
+    """Ray Data map: encoded rows -> their token lengths (the driver receives only numbers)."""
+    lengths = [n for payload in batch["payload"] for n in lengths_of(pickle.loads(payload))]
+    return {"length": np.array(lengths, dtype=np.int64)}
+
+
+def count_images(batch: dict) -> dict:
+    return {"images": np.array([len(pickle.loads(blob)[0].images) for blob in batch["record"]], dtype=np.int64)}
+
+
 def check_data(paths: list[str], data_format: str, *, model_path: str | None, task: str, image_root: str | None,
                max_length: int | None = None, options: dict | None = None, quarantine: str | None = None) -> dict:
-    """Counts of records, images, kept and skipped rows (by reason) and token lengths after expansion."""
-    quarantine_path = pathlib.Path(quarantine) if quarantine else pathlib.Path(tempfile.mkdtemp()) / "bad.jsonl"
-    bad = BadRecords(policy="skip", quarantine_path=quarantine_path)
-    records = read_records(paths, data_format, options=options, bad=bad)
-    report = {"records": len(records), "images": sum(len(r.images) for r in records)}
-    lengths: list[int] = []
-    kept = len(records)
-    if model_path is not None:
-        import ray
+    """Counts of records, images, kept and skipped rows (by reason) and token lengths after expansion,
+    all computed in Ray Data tasks (the records never come to this process)."""
+    import ray
 
-        if not ray.is_initialized():  # RAY_ADDRESS joins a cluster; otherwise a local one
-            ray.init(address=os.environ.get("RAY_ADDRESS") or "local", include_dashboard=False,
-                     logging_level="ERROR")
+    from vlrlhf.data.ledger import start_ledger
+    from vlrlhf.data.sources import expand_sources
+
+    if not ray.is_initialized():  # RAY_ADDRESS joins a cluster; otherwise a local one
+        ray.init(address=os.environ.get("RAY_ADDRESS") or "local", include_dashboard=False, logging_level="ERROR")
+    quarantine_path = pathlib.Path(quarantine) if quarantine else pathlib.Path(tempfile.mkdtemp()) / "bad.jsonl"
+    ledger = start_ledger("skip", quarantine_path)
+    sink = BadRows("skip", ledger)
+    records = record_dataset(RecordSource(tuple(expand_sources(paths)), data_format, dict(options or {}), sink=sink))
+    total = records.count()
+    images = records.map_batches(count_images, batch_format="numpy").sum("images") if total else 0
+    report = {"records": total, "images": int(images or 0)}
+    lengths: list[int] = []
+    kept = report["records"]
+    if model_path is not None:
         settings = EncodeSettings(model_path=model_path, task=task, image_root=image_root, max_length=max_length)
-        kept = 0
-        for item in iter_encoded(encoded_dataset(records, settings), bad):
-            kept += 1
-            lengths.extend(lengths_of(item))
-    report.update(kept=kept, skipped=dict(bad.counts), dropped_by_rule=dict(bad.dropped_by_rule),
-                  quarantine=str(quarantine_path) if bad.counts else None)
+        encoded = encoded_dataset(records, settings, sink=sink).materialize()
+        kept = encoded.count()
+        if kept:
+            lengths = [int(row["length"]) for row in encoded.map_batches(row_lengths, batch_format="numpy")
+                       .iter_rows()]
+    counts = ray.get(ledger.counts.remote())
+    report.update(kept=kept, skipped=counts, dropped_by_rule=ray.get(ledger.dropped_by_rule.remote()),
+                  quarantine=str(quarantine_path) if counts else None)
     if lengths:
         report["tokens"] = {f"p{q}": int(np.percentile(lengths, q)) for q in (50, 90, 99)} | {"max": max(lengths)}
     return report

@@ -1,19 +1,22 @@
 """Offline training driver: SFT, the DPO family, KTO and reward models.
 
-    batches (Ray Data, in seeded order) -> shard over policy workers
-      -> reference.logprobs   (ObjectRefs, submitted one step ahead)
-      -> policy.train_step    (micro-batches, gradient accumulation, all-reduce)
+    records (Ray Data read + convert tasks)
+      -> seeded epoch order (sort by key)  -> encode (adapter, images)
+      -> [reference stage: an actor pool adds reference log-prob columns, ahead of the policy]
+      -> step slices: worker w of W gets rows [w B/W, (w+1) B/W) of the step as block refs
+      -> policy.train_step (each worker fetches and collates its share; metrics back)
       -> log / eval / checkpoint
 
-SFT and reward-model training (algorithm.name=reward: a scalar head, Bradley-Terry on
-preference pairs) have no reference; DPO and KTO take it from a separate reference group, from the
-policy with its LoRA adapters disabled, or not at all (reference-free loss types);
-DPO can also precompute it in a first pass (jobs.precompute) and release the group.
+The driver coordinates: it sees the spec, block refs with row counts, metrics and
+checkpoint paths, never a record or a tensor. SFT and reward models (Bradley-Terry on
+preference pairs) have no reference; DPO and KTO take it from a reference stage
+(`resources.reference.num_workers >= 1`), a reference model inside each policy worker
+(`num_workers: 0`), the policy with its LoRA adapters disabled (`reference.mode: policy`),
+a precomputed Parquet table (`precomputed`, DPO: jobs.precompute), or not at all.
 """
 
 from __future__ import annotations
 
-import itertools
 import math
 import pathlib
 import time
@@ -22,77 +25,67 @@ from tqdm import tqdm
 
 from actors.group import ActorGroup
 from actors.policy import PolicyWorker
-from actors.reference import ReferenceWorker
 from jobs.checkpoints import open_checkpoints, resume_from
-from jobs.common import (Tracker, colocation_reserve, normaliser_for, pipeline_budget, plot_curves, prepare_data,
-                         shard, split_shares)
-from jobs.precompute import lookup, precompute_reference
+from jobs.common import (Tracker, colocation_reserve, pipeline_budget, plot_curves, prepare_data,
+                         raising_bad_records, surfacing_bad_records)
 from vlrlhf.config import JobSpec
-from vlrlhf.data.pipeline import encoded_dataset, iter_encoded, ordered
-from vlrlhf.models.registry import load_adapter
+from vlrlhf.data.pipeline import encoded_dataset, epoch_dataset
+from vlrlhf.data.shares import Share, block_rows, split_slices, step_slices
 from vlrlhf.training import finish_metrics
 
-
 NO_REFERENCE = ("sft", "reward")  # reward: Bradley-Terry on the reward model's own scores
-
-
-def chunks(iterable, size: int):
-    """Lists of `size` items; an incomplete tail is dropped (it would change the batch size)."""
-    iterator = iter(iterable)
-    while len(batch := list(itertools.islice(iterator, size))) == size:
-        yield batch
 
 
 class OfflineJob:
     def __init__(self, spec: JobSpec, run_dir: pathlib.Path):
         self.spec, self.run_dir = spec, run_dir
         run_dir.mkdir(parents=True, exist_ok=True)
-        self.data = prepare_data(spec, run_dir)
-        self.adapter = load_adapter(spec.model.path, adapter=spec.model.adapter)  # driver side: collation only
         trainer = spec.trainer
-        self.steps_per_epoch = len(self.data.train) // trainer.batch_size
+        self.reference_mode = self._reference_mode()
+        roles = ("policy", "reference") if self.reference_mode in ("column", "precomputed") else ("policy",)
+        resources = pipeline_budget(spec, roles)  # before anything starts: a spec that would hang stops here
+        self.data = prepare_data(spec, run_dir)
+        self.data.resources = resources
+        self.steps_per_epoch = self.data.num_train // trainer.batch_size
         if self.steps_per_epoch == 0:
-            raise ValueError(f"data.train has {len(self.data.train)} records, fewer than one batch "
+            raise ValueError(f"data.train has {self.data.num_train} records, fewer than one batch "
                              f"(trainer.batch_size={trainer.batch_size})")
         self.total_steps = min(trainer.max_steps or math.inf, trainer.epochs * self.steps_per_epoch)
-        uses_reference = spec.algorithm.name not in NO_REFERENCE and spec.reference.mode in ("separate", "precomputed")
-        roles = ("policy", "reference") if uses_reference else ("policy",)
-        self.data.resources = pipeline_budget(spec, roles)  # before any group: a spec that would hang stops here
         self.policy = ActorGroup(PolicyWorker, spec.resources.policy, name="policy",
                                  args=(spec.model, spec.algorithm, spec.trainer, self.total_steps),
-                                 reserve=colocation_reserve(spec, ("reference",) if uses_reference else ()))
-        self.reference = self._reference_group()
+                                 reserve=colocation_reserve(spec, ("reference",) if roles[1:] else ()))
         self.precomputed = None
-        if spec.reference.mode == "precomputed":  # one forward pass now, then the reference is released
-            self.precomputed = precompute_reference(self.reference, self.data, self.adapter, trainer.batch_size,
-                                                    trainer.micro_batch_size)
-            self.reference.shutdown()
-            self.reference = None
+        if self.reference_mode == "precomputed":  # one pass now, a Parquet table reused by every epoch
+            from jobs.precompute import precompute_reference
+
+            self.precomputed = precompute_reference(spec, self.data, self.reference_stage)
         self.checkpoints = open_checkpoints(spec.checkpoint.dir, spec.checkpoint.keep_last, run_dir / "staging")
         self.tracker = Tracker(spec, run_dir)
-        self.step, self.epoch, self.position = 0, 0, 0
-        self.eval_items = None
+        self.step, self.epoch, self.position, self.after_key = 0, 0, 0, None
+        self.eval_dataset = None
 
-    def _reference_group(self):
-        mode = self.spec.reference.mode
+    def _reference_mode(self) -> str | None:
+        """column: a reference stage in the pipeline; local: a reference model in each policy
+        worker; policy: LoRA disabled; precomputed; None: no reference."""
+        mode, workers = self.spec.reference.mode, self.spec.resources.reference.num_workers
         if self.spec.algorithm.name in NO_REFERENCE or mode == "none":
             return None
-        if mode == "policy":
-            return self.policy
-        resources = self.spec.resources.reference
-        return ActorGroup(ReferenceWorker, resources, name="reference",
-                          args=(self.spec.model, self.spec.reference.path),
-                          share=self.policy if resources.colocate else None)
+        if mode == "separate":
+            return "column" if workers else "local"
+        return mode
 
-    def reference_logps(self, items: list, shards: list) -> list:
-        """ObjectRefs (or values, in-process) of the reference log-probs, one per policy worker."""
-        if self.precomputed is not None:
-            return lookup(self.precomputed, split_shares(items, len(shards), self.spec.trainer.micro_batch_size))
-        if self.reference is None:
-            return [None] * len(shards)
-        if self.reference.local is not None and len(shards) > 1:  # one in-process reference serves every share
-            return [self.reference.local.logprobs(share) for share in shards]
-        return self.reference.map("logprobs", shards)
+    # ------------------------------------------------------------------ the pipeline
+    def reference_stage(self, dataset):
+        return reference_stage(self.spec, dataset, self.policy.placement_group)
+
+    def encoded(self, records):
+        dataset = encoded_dataset(records, self.data.settings, sink=self.data.sink, resources=self.data.resources)
+        return self.reference_stage(dataset) if self.reference_mode == "column" else dataset
+
+    def share(self, slices) -> Share:
+        mode = self.reference_mode
+        return Share(slices, self.spec.trainer.micro_batch_size, reference=mode if mode != "precomputed" else None,
+                     precomputed=self.precomputed, reference_path=self.spec.reference.path)
 
     # ------------------------------------------------------------------ the loop
     def run(self) -> dict:
@@ -101,28 +94,22 @@ class OfflineJob:
         if resumed is not None:
             state = self.policy.get(self.policy.broadcast("read_checkpoint", str(resumed)))[0]
             self.step, self.epoch, self.position = state["step"], state["epoch"], state["position"]
+            self.after_key = state.get("after_key")
             print(f"resumed from {resumed}: step {self.step}, epoch {self.epoch}, position {self.position}")
-        world = self.policy.world_size
+        world, batch_size = self.policy.world_size, spec.trainer.batch_size
         progress = tqdm(total=self.total_steps, initial=self.step, desc=spec.name, unit="step", dynamic_ncols=True)
         last = {}
         while self.step < self.total_steps:
-            dataset = encoded_dataset(ordered(self.data.train, spec.trainer.seed, self.epoch),
-                                      self.data.settings, start=self.position, resources=self.data.resources)
-            pending = None
-            for items in chunks(iter_encoded(dataset, self.data.bad), spec.trainer.batch_size):
-                # ---- reference for this batch, submitted before the policy trains the previous one
-                shards = shard(items, world, spec.trainer.micro_batch_size, self.adapter)
-                current = (items, shards, self.reference_logps(items, shards))
-                if pending is not None:
-                    last = self.train_step(*pending, progress)
+            ordered = epoch_dataset(self.data.train, spec.trainer.seed, self.epoch, self.after_key)
+            with surfacing_bad_records():
+                blocks = block_rows(self.encoded(ordered).iter_internal_ref_bundles())
+                for slices in step_slices(blocks, batch_size):
+                    last = self.train_step([self.share(piece) for piece in split_slices(slices, world)], progress)
                     if self.step >= self.total_steps:
                         break
-                pending = current
-            else:
-                if pending is not None and self.step < self.total_steps:
-                    last = self.train_step(*pending, progress)
-                self.epoch += 1
-                self.position = 0
+                else:
+                    self.epoch += 1
+                    self.position, self.after_key = 0, None
         progress.close()
         final_eval = self.evaluate()
         checkpoint = self.save()
@@ -130,22 +117,25 @@ class OfflineJob:
         plot = plot_curves(self.tracker.path, self.run_dir / "curves.png")
         summary = {"steps": self.step, "train": last, "eval": final_eval, "checkpoint": str(checkpoint),
                    "local_checkpoint": str(self.checkpoints.local_path(self.step)),
-                   "curves": str(plot) if plot else None, "bad_records": self.data.bad.summary()}
+                   "curves": str(plot) if plot else None, "bad_records": self.data.summary()}
         print_summary(summary)
         return summary
 
-    def train_step(self, items, shards, reference_refs, progress) -> dict:
+    def train_step(self, shares: list[Share], progress) -> dict:
         started = time.perf_counter()
-        normaliser = normaliser_for(self.spec, items)
-        results = self.policy.get(self.policy.map("train_step", shards, reference_refs,
-                                                  [normaliser] * len(shards)))
+        batch_size = self.spec.trainer.batch_size
+        token_mean = self.spec.algorithm.name == "sft" and self.spec.algorithm.sft_aggregation == "token-mean"
+        normaliser = None if token_mean else float(batch_size)  # None: the workers sum their label tokens
+        results = self.policy.get(self.policy.map("train_step", shares, [None] * len(shares),
+                                                  [normaliser] * len(shares)))
         metrics = finish_metrics([s for r in results for s in r["sums"]])
         self.step += 1
-        self.position = items[-1].position + 1
+        self.position += batch_size
+        self.after_key = max(r["last_key"] for r in results)
         elapsed = time.perf_counter() - started
         values = {f"train/{k}": v for k, v in metrics.items() if k != "examples"}
         values.update({"train/grad_norm": results[0]["grad_norm"], "train/lr": results[0]["lr"],
-                       "train/step_time": elapsed, "train/samples_per_s": len(items) / elapsed})
+                       "train/step_time": elapsed, "train/samples_per_s": batch_size / elapsed})
         progress.update(1)
         progress.set_postfix({k.split("/")[1]: f"{v:.4g}" for k, v in values.items()
                               if k in ("train/loss", "train/reward_accuracy", "train/samples_per_s")})
@@ -161,22 +151,18 @@ class OfflineJob:
         return values
 
     def evaluate(self) -> dict:
-        if not self.data.held_out:
+        """The objective's metrics on the held-out rows (encoded once, kept in the object store)."""
+        if self.data.held_out is None:
             return {}
-        if self.eval_items is None:
-            self.eval_items = list(iter_encoded(encoded_dataset(self.data.held_out, self.data.settings,
-                                                                resources=self.data.resources),
-                                                self.data.bad))
-        batch_size = self.spec.trainer.batch_size
-        sums = []
-        world = self.policy.world_size
-        for start in range(0, len(self.eval_items), batch_size):
-            items = self.eval_items[start:start + batch_size]
-            if len(items) < world:
+        if self.eval_dataset is None:
+            self.eval_dataset = raising_bad_records(self.encoded(self.data.held_out).materialize)
+        world, sums = self.policy.world_size, []
+        blocks = block_rows(self.eval_dataset.iter_internal_ref_bundles())
+        for slices in step_slices(blocks, self.spec.trainer.batch_size, keep_tail=True):
+            pieces = split_slices(slices, world)
+            if len(pieces) < world:
                 continue
-            items = items[: len(items) // world * world]
-            shards = shard(items, world, self.spec.trainer.micro_batch_size, self.adapter)
-            results = self.policy.get(self.policy.map("evaluate", shards, self.reference_logps(items, shards)))
+            results = self.policy.get(self.policy.map("evaluate", [self.share(p) for p in pieces], [None] * world))
             sums.extend(s for r in results for s in r["sums"])
         metrics = finish_metrics(sums)
         values = {f"eval/{k}": v for k, v in metrics.items()}
@@ -185,16 +171,37 @@ class OfflineJob:
         return values
 
     def save(self) -> str:
-        state = {"epoch": self.epoch, "position": self.position, "spec": self.spec.model_dump()}
+        state = {"epoch": self.epoch, "position": self.position, "after_key": self.after_key,
+                 "spec": self.spec.model_dump()}
         path = self.checkpoints.save(self.step, lambda folder: self.policy.get(
             self.policy.broadcast("write_checkpoint", folder, state)))  # from each worker's node
         print(f"checkpoint: {path}")
         return path
 
     def shutdown(self) -> None:
-        for group in (self.policy, self.reference):
-            if group is not None:
-                group.shutdown()
+        if self.policy is not None:
+            self.policy.shutdown()
+
+
+def reference_stage(spec: JobSpec, dataset, placement_group=None):
+    """`dataset` (encoded rows) with a `reference` column from an actor pool of reference
+    models: resources.reference.num_workers actors (one, taking no CPU, for num_workers: 0),
+    on the policy's bundles when colocated."""
+    import ray
+
+    from actors.reference import ReferenceStage
+
+    group, options = spec.resources.reference, {}
+    if group.colocate and placement_group is not None:  # the policy's bundles reserved room for the pool
+        from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+        options["scheduling_strategy"] = PlacementGroupSchedulingStrategy(placement_group, -1)
+    return dataset.map_batches(
+        ReferenceStage, fn_constructor_kwargs={"model": spec.model, "path": spec.reference.path,
+                                               "micro_batch_size": spec.trainer.micro_batch_size},
+        batch_size=spec.trainer.micro_batch_size * 4, batch_format="numpy",
+        compute=ray.data.ActorPoolStrategy(size=max(1, group.num_workers)),
+        num_cpus=group.cpus if group.num_workers else 0, num_gpus=group.gpus or None, **options)
 
 
 def print_summary(summary: dict) -> None:

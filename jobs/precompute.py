@@ -1,55 +1,70 @@
-"""Precomputed reference log-probs: one forward-only pass, then the reference is released.
-
-    encoded train + held-out pairs (Ray Data) -> reference group .logprobs (ObjectRefs)
-      -> {record id: per-pair log-probs}        kept by the driver (a few floats a pair)
-
-Training then looks the values up instead of running the reference every step, so the
-reference model's memory (a second copy of the weights on every GPU) is free for the
-policy. The values do not depend on batch composition: the reference is frozen and
-each row's log-probs come from its own tokens (padding is masked).
+"""reference.mode: precomputed. One pass of the reference over every train and held-out
+pair, written once as Parquet (id, reference) under checkpoint.dir/reference_logps/, then
+reused by every epoch, every resume and every later run of the same data and models
+(its _manifest.json must match). The reference stage's actors are released after it.
 """
 
 from __future__ import annotations
 
+import json
 import time
 
-import torch
+from vlrlhf.config import JobSpec
+from vlrlhf.data.pipeline import encoded_dataset
 
-from jobs.common import split_shares
-from vlrlhf.data.pipeline import collate_items, encoded_dataset, iter_encoded
-from vlrlhf.training import PairLogps
+MANIFEST, MARKER = "_manifest.json", "_COMPLETE"
 
 
-def precompute_reference(group, data, adapter, batch_size: int, micro_batch_size: int) -> dict[str, PairLogps]:
-    """{record id: PairLogps with one row} for every train and held-out pair."""
+def fingerprint(spec: JobSpec) -> dict:
+    """What the table depends on: a change to any of these makes it stale."""
+    data, algorithm = spec.data, spec.algorithm
+    return {"model": spec.reference.path or spec.model.path, "train": data.train, "eval": data.eval,
+            "eval_fraction": data.eval_fraction, "seed": spec.trainer.seed, "format": data.format,
+            "format_options": data.format_options, "max_length": data.max_length, "image_root": data.image_root,
+            "ddpo_gamma": algorithm.ddpo_gamma, "mdpo_keep": list(algorithm.mdpo.keep) if algorithm.mdpo else None}
+
+
+def _filesystem(folder: str):
+    from pyarrow import fs
+
+    return fs.FileSystem.from_uri(folder) if "://" in folder else (fs.LocalFileSystem(), folder)
+
+
+def _read_text(folder: str, name: str) -> str | None:
+    filesystem, inner = _filesystem(folder)
+    try:
+        with filesystem.open_input_stream(f"{inner}/{name}") as stream:
+            return stream.read().decode()
+    except (FileNotFoundError, OSError):
+        return None
+
+
+def _write_text(folder: str, name: str, text: str) -> None:
+    filesystem, inner = _filesystem(folder)
+    filesystem.create_dir(inner, recursive=True)
+    with filesystem.open_output_stream(f"{inner}/{name}") as stream:
+        stream.write(text.encode())
+
+
+def precompute_reference(spec: JobSpec, data, stage) -> str:
+    """The table's folder (local or URI), written now unless a matching one is there."""
+    folder = spec.checkpoint.dir.rstrip("/") + "/reference_logps"
+    manifest = json.dumps(fingerprint(spec), sort_keys=True)
+    if _read_text(folder, MARKER) is not None and _read_text(folder, MANIFEST) == manifest:
+        print(f"reference log-probs: reusing {folder}")
+        return folder
     started = time.perf_counter()
-    pending = []
-    for records in (data.train, data.held_out):
-        dataset = encoded_dataset(records, data.settings, resources=data.resources) if records else None
-        items = list(iter_encoded(dataset, data.bad)) if records else []
-        for number, start in enumerate(range(0, len(items), batch_size)):  # a chunk per call, round robin
-            (micro_items,) = split_shares(items[start:start + batch_size], 1, micro_batch_size)
-            micro_batches = [collate_items(adapter, micro) for micro in micro_items]
-            pending.append((micro_items, group.call(number % group.world_size, "logprobs", micro_batches)))
-    table: dict[str, PairLogps] = {}
-    for micro_items, ref in pending:
-        for micro, logps in zip(micro_items, group.get([ref])[0], strict=True):
-            for row, item in enumerate(micro):
-                table[item.id] = row_of(logps, row)
-    print(f"reference log-probs precomputed for {len(table)} pairs in {time.perf_counter() - started:.1f}s")
-    return table
+    filesystem, inner = _filesystem(folder)
+    filesystem.delete_dir_contents(inner, missing_dir_ok=True)
+    from jobs.common import raising_bad_records
 
-
-def row_of(logps: PairLogps, row: int) -> PairLogps:
-    return PairLogps(*(None if value is None else value[row: row + 1].clone() for value in
-                       (logps.chosen, logps.rejected, logps.chosen_lengths, logps.rejected_lengths, logps.corrupted)))
-
-
-def lookup(table: dict[str, PairLogps], shares: list[list[list]]) -> list[list[PairLogps]]:
-    """Per worker, per micro-batch: the stacked precomputed rows of its items."""
-    def stack(rows: list[PairLogps]) -> PairLogps:
-        fields = zip(*((r.chosen, r.rejected, r.chosen_lengths, r.rejected_lengths, r.corrupted) for r in rows),
-                     strict=True)
-        return PairLogps(*(None if values[0] is None else torch.cat(values) for values in fields))
-
-    return [[stack([table[item.id] for item in micro]) for micro in share] for share in shares]
+    for name, records in (("train", data.train), ("held_out", data.held_out)):
+        if records is None:
+            continue
+        encoded = encoded_dataset(records, data.settings, sink=data.sink, resources=data.resources)
+        table = stage(encoded).select_columns(["id", "reference"])
+        raising_bad_records(table.write_parquet, f"{folder}/{name}")
+    _write_text(folder, MANIFEST, manifest)
+    _write_text(folder, MARKER, "")
+    print(f"reference log-probs precomputed in {time.perf_counter() - started:.1f}s: {folder}")
+    return folder

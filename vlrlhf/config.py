@@ -147,6 +147,7 @@ class CriticSpec(Section):
     path: str | None = None  # default: model.path; a reward model's folder brings its trained head
     lr: float = Field(1e-5, gt=0)
     value_clip: float | None = Field(0.2, gt=0)  # None: the plain squared error
+    lora: LoraSpec | None = None  # adapters on the language model (and the head) instead of every weight
 
 
 ONLINE_ALGORITHMS = ("grpo", "rloo", "reinforce_pp", "ppo")
@@ -307,8 +308,6 @@ class JobSpec(Section):
         if self.algorithm.name == "reward" and self.trainer.strategy != "ddp":
             raise ValueError("algorithm.name=reward trains with trainer.strategy=ddp (the scalar head sits "
                              "outside a DeepSpeed engine)")
-        if online and self.trainer.strategy != "ddp" and self.online.weight_sync == "collective":
-            raise ValueError("online.weight_sync=collective needs trainer.strategy=ddp")
         workers = max(self.resources.policy.num_workers, 1)
         if self.trainer.batch_size % workers:
             raise ValueError(f"trainer.batch_size={self.trainer.batch_size} must divide evenly over "
@@ -371,7 +370,7 @@ def apply_override(data: dict, override: str) -> None:
 
 
 def _resolve(path: str | None, base: pathlib.Path) -> str | None:
-    if path is None or "://" in path or pathlib.Path(path).is_absolute():
+    if path is None or "://" in path or path.startswith("hf:") or pathlib.Path(path).is_absolute():
         return path
     return str((base / path).resolve())
 
@@ -435,7 +434,10 @@ def check_inputs(spec: JobSpec) -> None:
             raise SpecError(f"model.path={spec.model.path}: no weights (*.safetensors) there")
     if spec.evaluation is not None and not pathlib.Path(spec.evaluation.data).exists():
         raise SpecError(f"evaluation.data={spec.evaluation.data}: no such folder")
+    from vlrlhf.data.sources import expand_sources
+
     for key, paths in (("data.train", spec.data.train), ("data.eval", spec.data.eval)):
-        for path in paths:
-            if "://" not in path and not pathlib.Path(path).is_file():
-                raise SpecError(f"{key}: data file {path} does not exist")
+        try:
+            expand_sources(paths)  # listings and Parquet footers only
+        except ValueError as error:
+            raise SpecError(f"{key}: {error}") from None

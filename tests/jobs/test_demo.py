@@ -1,5 +1,9 @@
-"""The demo (make demo): SFT, then DPO and GRPO of a tiny LLaVA; DPO must beat SFT on held-out
-pairs and GRPO's sampled reward must rise."""
+"""The demo (make demo): SFT, then DPO and GRPO of a tiny LLaVA.
+
+The bundled SFT captions carry a language-prior hallucination (the colour of a triangle is
+"red", of a square "blue", 3 times in 4, whatever the image shows); the preference pairs
+reject exactly that. So SFT learns the hallucination and DPO must remove it: an effect
+large by construction, not a +0.02 that thread counts and CPUs can flip."""
 
 import pytest
 
@@ -7,17 +11,19 @@ from jobs.demo import run_demo
 
 
 @pytest.mark.slow
-def test_demo_improves_held_out_preference_accuracy(ray_cluster, tmp_path):
+def test_demo_sft_learns_dpo_removes_the_hallucination_grpo_raises_reward(ray_cluster, tmp_path):
     results = run_demo(tmp_path / "demo", seed=0)
     base, sft, dpo = results["base (random)"], results["after SFT"], results["after DPO"]
-    assert sft["preference_accuracy"] >= base["preference_accuracy"] + 0.15
-    assert sft["exact_match"] >= 0.5 > base["exact_match"]
-    # The README states the margin: +0.03 preference accuracy at seed 0 (0.76 -> 0.79).
-    assert dpo["preference_accuracy"] >= sft["preference_accuracy"] + 0.02
-    assert dpo["exact_match"] >= sft["exact_match"] - 0.05
-    # the same questions through `vlrlhf eval` (benchmark TSV, Ray Data, circular scoring)
-    assert sft["shapes_bench"] >= base["shapes_bench"] + 0.3
-    # The README states the rise: 0.555 -> 0.644 mean sampled reward, first vs last 10 of 60 steps.
+    # SFT learns the task, and the captioner's hallucination with it
+    assert sft["exact_match"] >= base["exact_match"] + 0.25
+    assert sft["shapes_bench"] >= base["shapes_bench"] + 0.2
+    assert sft["hallucination"] >= 0.8
+    # DPO on the corrections: seeds 0-3 gave +0.28..+0.38 preference accuracy and hallucination
+    # 1.0 -> 0.00..0.09 (README); machine-to-machine noise was ~0.03, so these margins hold.
+    assert dpo["preference_accuracy"] >= sft["preference_accuracy"] + 0.15
+    assert dpo["hallucination"] <= sft["hallucination"] - 0.5
+    assert dpo["exact_match"] >= sft["exact_match"] - 0.02
+    # GRPO's sampled reward rises (README: first vs last 10 of 60 steps)
     grpo = results["grpo_reward"]
     assert grpo["last_10_steps"] >= grpo["first_10_steps"] + 0.04
     assert results["after GRPO"]["exact_match"] >= sft["exact_match"] - 0.05  # no collapse of greedy answers

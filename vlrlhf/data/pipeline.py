@@ -1,16 +1,21 @@
-"""The Ray Data pipeline: records -> images loaded and validated -> encoded per model.
+"""The Ray Data pipeline: data files -> records -> a seeded epoch order -> encoded rows.
 
-    records (driver: read, split, ordered by seed)  ->  ray.data.from_items
-      -> map_batches(encode_batch)  workers load images and run the model's adapter
-      -> iter_encoded           the consumer applies the bad-record policy, in order
-      -> collated batches       adapter.collate
+    read units (vlrlhf.data.sources)            ray.data.from_items(units): listings only
+      -> map_batches(convert_units)             tasks read files, run the format converter,
+                                                 drop the other split, pick KTO partners
+      -> map_batches(add order key) -> sort     a seeded per-epoch permutation (all-to-all
+                                                 in the cluster, spilled by Ray, never the driver)
+      -> map_batches(encode_rows)               load images, run the adapter: payload rows
+      [-> reference stage]                      jobs add reference log-prob columns
+      -> block slices -> policy workers         vlrlhf.data.shares: workers fetch and collate
 
-Order is deterministic for a seed (preserve_order; the permutation is drawn in the
-driver), and `start` resumes at a position of that order, so a restarted job sees
-exactly the examples an uninterrupted one would. The evaluation split is decided by
-a hash of each record's id, so it never moves into training when files are
-reordered or a run resumes. `encode_record` is the single-process encoder the
-workers call; tests use it as the oracle.
+The order of epoch e is the sort by key = hash(seed, e, record id): a permutation that
+does not depend on how files are split into blocks, so resume can skip what was trained
+(`after_key`: the largest key consumed) without re-encoding it. The evaluation split is a
+hash of each record id too: stable when files are reordered, never leaking into training.
+Bad rows go through the job's ledger (vlrlhf.data.ledger): raised with file and row, or
+counted once and quarantined. `encode_record` is the single-process encoder the tasks
+call; tests use it as the oracle.
 """
 
 from __future__ import annotations
@@ -23,7 +28,7 @@ from collections.abc import Iterator
 import numpy as np
 
 from vlrlhf.data.images import DEFAULT_MAX_PIXELS, ImageError, load_image
-from vlrlhf.data.reader import BadRecords
+from vlrlhf.data.reader import BadRecordError
 from vlrlhf.data.records import Conversation, KTOExample, PreferencePair, PromptRecord
 from vlrlhf.models.base import EncodeError
 from vlrlhf.models.batch import EncodedExample, ModelBatch
@@ -87,7 +92,7 @@ class EncodedKTO:
 class EncodedItem:
     """One encoded record and where it came from."""
 
-    position: int  # place in this run's order (resume offsets count these)
+    key: int  # the record's order key in this epoch (vlrlhf.data.pipeline.order_key)
     id: str  # 'file:row'
     record: object  # the record (answers, metadata for rewards, spans for DDPO)
     encoded: EncodedExample | EncodedPair | EncodedKTO
@@ -158,48 +163,133 @@ def cached_adapter(settings: EncodeSettings):
     return _ADAPTERS[key]
 
 
-def encode_batch(batch: dict, settings: EncodeSettings) -> dict:
-    """Ray Data map function: encode a batch of pickled records. Bad records come back as
-    rows with `reason`/`message` set; the consumer applies the policy."""
-    adapter = cached_adapter(settings)
-    out = {"position": [], "payload": [], "reason": [], "message": []}
-    for position, blob in zip(batch["position"], batch["record"], strict=True):
-        record, partner = pickle.loads(blob)
-        payload, reason, message = b"", "", ""
-        try:
-            encoded = encode_record(adapter, record, settings, partner)
-            payload = pickle.dumps(EncodedItem(int(position), record.id, record, encoded))
-        except (ImageError, EncodeError) as error:
-            reason, message = error.reason, f"{record.id}: {error}"
-        out["position"].append(int(position))
-        out["payload"].append(payload)
-        out["reason"].append(reason)
-        out["message"].append(message)
-    return {key: np.array(values, dtype=object) if key != "position" else np.array(values)
-            for key, values in out.items()}
-
-
 def in_eval_split(record_id: str, eval_fraction: float, seed: int) -> bool:
     digest = hashlib.sha256(f"{seed}:{record_id}".encode()).digest()
     return int.from_bytes(digest[:8], "big") / 2 ** 64 < eval_fraction
 
 
-def split_records(records: list, eval_fraction: float = 0.0, seed: int = 0) -> tuple[list, list]:
-    """(train, eval) by a hash of each record id: stable under reordering and resume."""
-    if not 0.0 <= eval_fraction < 1.0:
-        raise ValueError(f"eval_fraction={eval_fraction} must lie in [0, 1)")
-    train, held_out = [], []
-    for record in records:
-        (held_out if eval_fraction and in_eval_split(record.id, eval_fraction, seed) else train).append(record)
-    return train, held_out
-
-
 def ordered(records: list, seed: int | None, epoch: int = 0) -> list:
-    """The records in this epoch's order: a permutation drawn from (seed, epoch); None keeps file order."""
+    """A small in-driver list (online prompts) in epoch `epoch`'s order: a permutation drawn
+    from (seed, epoch); None keeps the list's order."""
     if seed is None:
         return list(records)
     permutation = np.random.default_rng([seed, epoch]).permutation(len(records))
     return [records[i] for i in permutation]
+
+
+def order_key(record_id: str, seed: int, epoch: int) -> int:
+    """The record's place in epoch `epoch`'s order: a 63-bit hash of (seed, epoch, id)."""
+    digest = hashlib.blake2b(f"{seed}:{epoch}:{record_id}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "big") >> 1
+
+
+@dataclasses.dataclass(frozen=True)
+class RecordSource:
+    """What the read/convert tasks need (picklable): files, format, split and the ledger."""
+
+    units: tuple  # vlrlhf.data.sources.ReadUnit
+    data_format: str
+    options: dict = dataclasses.field(default_factory=dict)
+    split: str = "all"  # all | train | eval: with eval_fraction, keep one side of the id hash
+    eval_fraction: float = 0.0
+    seed: int = 0
+    sink: BadRows | None = None  # None: raise on the first bad row
+
+
+@dataclasses.dataclass(frozen=True)
+class BadRows:
+    """Where a task sends its bad rows: the job's ledger actor, under the job's policy."""
+
+    policy: str = "raise"
+    ledger: object = None  # vlrlhf.data.ledger.Ledger actor
+
+    def handle(self, rows: list[tuple[str, str, str, str]]) -> None:
+        """(where, reason, message, stage) rows: raise BadRecordError for the first (policy raise),
+        else count and quarantine them in the ledger."""
+        if not rows:
+            return
+        if self.policy == "raise" or self.ledger is None:
+            raise BadRecordError(*rows[0][:3])
+        import ray
+
+        ray.get(self.ledger.report.remote(rows))
+
+    def rule_drops(self, unit: str, dropped: dict[str, int]) -> None:
+        if self.ledger is not None and dropped:
+            import ray
+
+            ray.get(self.ledger.set_rule_drops.remote(unit, dropped))
+
+
+def skip_or_raise(sink: BadRows | None, rows: list[tuple[str, str, str, str]]) -> None:
+    (sink or BadRows()).handle(rows)
+
+
+def convert_units(batch: dict, source: RecordSource) -> dict:
+    """Ray Data map: read each unit, convert its rows to records (ids 'file:row'), keep this split."""
+    from vlrlhf.data.formats import FormatContext, RecordError, get_converter
+    from vlrlhf.data.sources import read_unit
+
+    converter = get_converter(source.data_format)
+    ids, blobs = [], []
+    for blob in batch["unit"]:
+        unit = pickle.loads(blob)
+        context = FormatContext(options=dict(source.options))
+        records, bad = [], []
+        try:
+            rows = list(read_unit(unit))
+        except FileNotFoundError:
+            raise ValueError(f"data file {unit.path} does not exist") from None
+        for number, row in rows:
+            where = f"{unit.path}:row {number}"
+            try:
+                if isinstance(row, RecordError):
+                    raise row
+                if not isinstance(row, dict):
+                    raise RecordError("wrong_type", f"a row must be an object, got {type(row).__name__}")
+                converted = converter(row, context)
+            except RecordError as error:
+                bad.append((where, error.reason, str(error), "read"))
+                continue
+            for index, record in enumerate(converted):
+                record.id = f"{unit.name}:{number}" + (f":{index}" if len(converted) > 1 else "")
+                records.append(record)
+        skip_or_raise(source.sink, bad)
+        if source.sink is not None:
+            source.sink.rule_drops(f"{unit.path}#{unit.part}", dict(context.dropped))
+        for position, record in enumerate(records):
+            if source.eval_fraction and source.split != "all" and \
+                    in_eval_split(record.id, source.eval_fraction, source.seed) != (source.split == "eval"):
+                continue
+            # KTO's mismatched twin: the next record of the same unit (cyclic); stable across epochs
+            partner = getattr(records[(position + 1) % len(records)], "completion", None)
+            ids.append(record.id)
+            blobs.append(pickle.dumps((record, partner)))
+    return {"id": np.array(ids, dtype=object), "record": np.array(blobs, dtype=object)}
+
+
+def record_dataset(source: RecordSource):
+    """A Ray Data dataset of converted records (columns id, record), one read task per unit."""
+    import ray
+
+    # a BadRecordError raised in a task reaches the consumer as itself (file, row, reason)
+    ray.data.DataContext.get_current().raise_original_map_exception = True
+    units = [{"unit": pickle.dumps(unit)} for unit in source.units]
+    dataset = ray.data.from_items(units, override_num_blocks=max(1, min(len(units), 64)))
+    return dataset.map_batches(convert_units, fn_kwargs={"source": source}, batch_size=1, batch_format="numpy")
+
+
+def add_order_key(batch: dict, seed: int, epoch: int) -> dict:
+    batch["key"] = np.array([order_key(str(i), seed, epoch) for i in batch["id"]], dtype=np.int64)
+    return batch
+
+
+def epoch_dataset(records, seed: int, epoch: int, after_key: int | None = None):
+    """`records` in epoch `epoch`'s seeded order, from the first key above `after_key`."""
+    keyed = records.map_batches(add_order_key, fn_kwargs={"seed": seed, "epoch": epoch}, batch_format="numpy")
+    if after_key is not None:
+        keyed = keyed.filter(lambda row: row["key"] > after_key)
+    return keyed.sort("key")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -212,35 +302,47 @@ class PipelineResources:
     concurrency: int | None = None
 
 
-def encoded_dataset(records: list, settings: EncodeSettings, *, start: int = 0, batch_size: int = 16,
+def encode_rows(batch: dict, settings: EncodeSettings, sink: BadRows | None) -> dict:
+    """Ray Data map: records -> pickled EncodedItems (id, key, payload, weight). Rows that fail
+    go to the ledger (or raise) and are dropped here."""
+    adapter = cached_adapter(settings)
+    keys = batch["key"] if "key" in batch else np.zeros(len(batch["id"]), dtype=np.int64)
+    out = {"id": [], "key": [], "payload": [], "weight": []}
+    bad = []
+    for key, blob in zip(keys, batch["record"], strict=True):
+        record, partner = pickle.loads(blob)
+        try:
+            encoded = encode_record(adapter, record, settings, partner)
+        except (ImageError, EncodeError) as error:
+            bad.append((record.id, error.reason, str(error), "encode"))
+            continue
+        out["id"].append(record.id)
+        out["key"].append(int(key))
+        out["payload"].append(pickle.dumps(EncodedItem(int(key), record.id, record, encoded)))
+        out["weight"].append(float(encoded.num_label_tokens) if isinstance(encoded, EncodedExample) else 1.0)
+    skip_or_raise(sink, bad)
+    return {"id": np.array(out["id"], dtype=object), "key": np.array(out["key"], dtype=np.int64),
+            "payload": np.array(out["payload"], dtype=object), "weight": np.array(out["weight"], dtype=np.float64)}
+
+
+def encoded_dataset(records, settings: EncodeSettings, *, sink: BadRows | None = None, batch_size: int = 16,
                     resources: PipelineResources = PipelineResources()):
-    """A Ray Data dataset of encoded rows for records[start:], in order."""
+    """`records` (a dataset of id/record[/key] rows) encoded for `settings.task`, in order."""
     import ray
 
     if settings.task not in TASKS:
         raise ValueError(f"task={settings.task!r} is not one of {', '.join(TASKS)}")
     context = ray.data.DataContext.get_current()
     context.execution_options.preserve_order = True
-    # KTO: each record is paired with the next record's completion (cyclically) for the KL term.
-    partners = [getattr(records[(i + 1) % len(records)], "completion", None) for i in range(len(records))]
-    rows = [{"position": position, "record": pickle.dumps((record, partners[position]))}
-            for position, record in enumerate(records) if position >= start]
-    if not rows:
-        return ray.data.from_items([{"position": 0, "record": b""}]).limit(0)
-    blocks = max(1, min(len(rows) // batch_size, 64))
-    dataset = ray.data.from_items(rows, override_num_blocks=blocks)
-    return dataset.map_batches(encode_batch, fn_kwargs={"settings": settings}, batch_size=batch_size,
-                               batch_format="numpy", concurrency=resources.concurrency,
+    context.raise_original_map_exception = True
+    return records.map_batches(encode_rows, fn_kwargs={"settings": settings, "sink": sink},
+                               batch_size=batch_size, batch_format="numpy", concurrency=resources.concurrency,
                                num_cpus=resources.task_cpus)
 
 
-def iter_encoded(dataset, bad: BadRecords) -> Iterator[EncodedItem]:
-    """Encoded items in order; bad rows go through the policy (raise, or count + quarantine)."""
+def iter_items(dataset):
+    """Every EncodedItem of an encoded dataset, in order (in-process consumers, tools, tests)."""
     for row in dataset.iter_rows():
-        if row["reason"]:
-            where, _, message = str(row["message"]).partition(": ")
-            bad.handle(where, str(row["reason"]), message, stage="encode")
-            continue
         yield pickle.loads(row["payload"])
 
 

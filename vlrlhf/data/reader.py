@@ -25,7 +25,10 @@ class BadRecordError(ValueError):
 
     def __init__(self, where: str, reason: str, message: str):
         super().__init__(f"{where}: {message}" if message.startswith(reason) else f"{where}: {reason}: {message}")
-        self.where, self.reason = where, reason
+        self.where, self.reason, self.message = where, reason, message
+
+    def __reduce__(self):  # raised in Ray tasks: it must survive pickling with its fields
+        return type(self), (self.where, self.reason, self.message)
 
 
 @dataclasses.dataclass

@@ -1,0 +1,106 @@
+"""Handing pipeline rows to the policy workers without the driver touching them.
+
+The driver walks the final dataset's blocks as ObjectRefs with their row counts
+(`step_slices`) and gives each worker a `Share`: slices (block ref, start, stop) of
+consecutive rows. Worker w of W gets rows [w B/W, (w+1) B/W) of the step's B rows, so a
+step's global batch is exactly the next B rows of the epoch order, whatever the number
+of workers: data parallelism, resume and the invariant tests rest on that. The worker
+fetches its blocks from the object store (`load_share`), unpickles the encoded items and
+collates them with its own adapter. The driver sees refs and counts, never a tensor.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import pickle
+from collections.abc import Iterator
+
+
+@dataclasses.dataclass
+class Share:
+    """One worker's rows of a step: block slices, plus how to get reference log-probs."""
+
+    slices: list  # [(ObjectRef of an Arrow block, start, stop)]
+    micro_batch_size: int
+    reference: str | None = None  # None | "column" (a pipeline stage added it) | "local" | "policy"
+    precomputed: str | None = None  # a Parquet folder of (id, reference) rows
+    reference_path: str | None = None  # "local": the reference checkpoint (None: the policy's start)
+
+    @property
+    def rows(self) -> int:
+        return sum(stop - start for _, start, stop in self.slices)
+
+
+def block_rows(bundles) -> Iterator[tuple[object, int, int]]:
+    """(block ref, start, stop) of every block of a dataset's RefBundles, in order."""
+    for bundle in bundles:
+        for entry, piece in zip(bundle.blocks, bundle.slices, strict=True):
+            start, stop = (0, entry.metadata.num_rows) if piece is None else (piece.start_offset, piece.end_offset)
+            if stop > start:
+                yield entry.ref, start, stop
+
+
+def step_slices(blocks: Iterator[tuple[object, int, int]], size: int, *,
+                keep_tail: bool = False) -> Iterator[list[tuple[object, int, int]]]:
+    """Consecutive runs of `size` rows as block slices. The incomplete tail is dropped
+    (it would change the batch size) unless `keep_tail`."""
+    current, count = [], 0
+    for ref, start, stop in blocks:
+        while start < stop:
+            take = min(stop - start, size - count)
+            current.append((ref, start, start + take))
+            count += take
+            start += take
+            if count == size:
+                yield current
+                current, count = [], 0
+    if keep_tail and count:
+        yield current
+
+
+def split_slices(slices: list[tuple[object, int, int]], parts: int) -> list[list[tuple[object, int, int]]]:
+    """`parts` contiguous pieces with rows // parts rows each (the remainder is dropped)."""
+    total = sum(stop - start for _, start, stop in slices)
+    per_part = total // parts
+    pieces = list(step_slices(iter(slices), per_part)) if per_part else []
+    return pieces[:parts]
+
+
+def load_rows(slices: list[tuple[object, int, int]], columns: tuple[str, ...]) -> list[dict]:
+    """The rows of `slices` (fetched from the object store), with only `columns`."""
+    import ray
+
+    tables = ray.get([ref for ref, _, _ in slices])
+    rows = []
+    for table, (_, start, stop) in zip(tables, slices, strict=True):
+        piece = table.slice(start, stop - start).select([c for c in columns if c in table.column_names])
+        rows.extend(piece.to_pylist())
+    return rows
+
+
+_PRECOMPUTED: dict[str, dict] = {}
+
+
+def precomputed_table(folder: str) -> dict[str, object]:
+    """id -> reference value of a precomputed Parquet folder (loaded once per process)."""
+    if folder not in _PRECOMPUTED:
+        import pyarrow.dataset as ds
+
+        table = ds.dataset(folder, format="parquet").to_table(columns=["id", "reference"])
+        _PRECOMPUTED[folder] = {row["id"]: pickle.loads(row["reference"]) for row in table.to_pylist()}
+    return _PRECOMPUTED[folder]
+
+
+def load_share(share: Share) -> tuple[list, list | None, float, int]:
+    """(encoded items, per-item reference values or None, label-token weight sum, largest key)."""
+    rows = load_rows(share.slices, ("payload", "reference", "weight", "key"))
+    items = [pickle.loads(row["payload"]) for row in rows]
+    references = None
+    if share.reference == "column":
+        references = [pickle.loads(row["reference"]) for row in rows]
+    elif share.precomputed is not None:
+        table = precomputed_table(share.precomputed)
+        references = [table[item.id] for item in items]
+    weight = float(sum(row["weight"] for row in rows))
+    last_key = max((int(row["key"]) for row in rows), default=-1)
+    return items, references, weight, last_key
