@@ -266,8 +266,8 @@ def describe_wait(name: str, count: int, bundle: dict, strategy: str, waited: fl
     shortage = ", ".join(f"{key} {value:g} (free {free.get(key, 0.0):g} of {total.get(key, 0.0):g})"
                          for key, value in short.items()) or "nothing in total: no single node has room for " \
                                                                "a bundle (or the strategy cannot be met)"
-    return (f"resources.{name}: waiting {waited:.0f}s for {count} bundle(s) of {bundle} ({strategy}); "
-            f"short of {shortage}")
+    shown = "{" + ", ".join(f"{key}: {value:g}" for key, value in bundle.items()) + "}"
+    return f"resources.{name}: waiting {waited:.0f}s for {count} bundle(s) of {shown} ({strategy}); short of {shortage}"
 
 
 def resolve(value):

@@ -73,6 +73,12 @@ def cmd_run(args) -> int:
     return run_job(args.spec, args.overrides, run_dir=args.run_dir)
 
 
+def cmd_plan(args) -> int:
+    from jobs.plan import run_plan
+
+    return run_plan(args.spec, args.overrides, args.cluster, args.records)
+
+
 def cmd_eval(args) -> int:
     from jobs.evaluate import compare, run_eval
     from jobs.run import start_ray
@@ -164,6 +170,19 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--verbose", action="store_true",
                      help="keep Ray Data's INFO lines in the log (also: VLRLHF_VERBOSE=1)")
     run.set_defaults(func=cmd_run)
+
+    plan = commands.add_parser("plan", help="bundles, peak GPUs/CPUs and token lengths of a spec on a cluster",
+                               description="Show what a job needs before it starts: each group's bundles in "
+                                           "creation order, GPUs/CPUs at the peak, CPUs left for the data pipeline "
+                                           "and token lengths after image expansion against data.max_length. "
+                                           "Exit code 2 when the spec cannot fit the cluster.")
+    plan.add_argument("spec")
+    plan.add_argument("overrides", nargs="*", help="key.sub=value overrides (value parsed as YAML)")
+    plan.add_argument("--cluster", help="NxGgpu:Ccpu per node kind (e.g. 2x8gpu:64cpu, joined with +), a KubeRay "
+                                        "manifest or nodes YAML, or a cluster address (default: RAY_ADDRESS, else "
+                                        "this machine)")
+    plan.add_argument("--records", type=int, default=64, help="records whose token lengths are checked (0: none)")
+    plan.set_defaults(func=cmd_plan)
 
     config = commands.add_parser("config", help="show the resolved spec, or its JSON schema",
                                  description="Validate a job spec and print it resolved, or print the schema.")

@@ -311,8 +311,7 @@ class OnlineJob:
 
 
 def run_online(spec: JobSpec, run_dir: pathlib.Path) -> dict:
-    job = OnlineJob(spec, run_dir)
-    try:
-        return job.run()
-    finally:
-        job.shutdown()
+    """One job; after a worker or node failure, a new one from the last checkpoint (trainer.max_failures)."""
+    from jobs.recovery import run_with_recovery
+
+    return run_with_recovery(spec, lambda attempt: OnlineJob(attempt, run_dir))

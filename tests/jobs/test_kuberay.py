@@ -1,4 +1,5 @@
-"""configs/kuberay manifests validate against the KubeRay CRD schemas (shared/kuberay)."""
+"""configs/kuberay manifests validate against the KubeRay CRD schemas (shared/kuberay), and
+what they run is planned against the cluster they create."""
 
 from __future__ import annotations
 
@@ -10,7 +11,9 @@ import yaml
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 CRDS = ROOT.parent / "shared" / "kuberay"
 KINDS = {"RayJob": "ray.io_rayjobs.yaml", "RayCluster": "ray.io_rayclusters.yaml"}
-MANIFESTS = sorted((ROOT / "configs" / "kuberay").glob("*.yaml"))
+RAY_MANIFESTS = sorted(p for p in (ROOT / "configs" / "kuberay").glob("*.yaml")
+                       if next(yaml.safe_load_all(p.read_text()))["apiVersion"].startswith("ray.io/"))
+needs_crds = pytest.mark.skipif(not CRDS.is_dir(), reason="the KubeRay CRDs live in ../shared/kuberay")
 
 
 def schema_for(kind: str, version: str) -> dict:
@@ -18,24 +21,69 @@ def schema_for(kind: str, version: str) -> dict:
     return next(v["schema"]["openAPIV3Schema"] for v in crd["spec"]["versions"] if v["name"] == version)
 
 
-@pytest.mark.skipif(not CRDS.is_dir(), reason="the KubeRay CRDs live in ../shared/kuberay beside the checkout")
-@pytest.mark.parametrize("path", MANIFESTS, ids=lambda p: p.name)
-def test_manifest_matches_the_crd_schema(path):
+def pods(manifest: dict) -> list[dict]:
+    spec = manifest["spec"].get("rayClusterSpec", manifest["spec"])
+    return [spec["headGroupSpec"]["template"]["spec"]] + [g["template"]["spec"] for g in spec["workerGroupSpecs"]]
+
+
+def test_there_are_manifests_for_offline_dpo_online_grpo_and_a_cluster():
+    names = {p.name for p in RAY_MANIFESTS}
+    assert {"rayjob-dpo.yaml", "rayjob-grpo.yaml", "raycluster.yaml"} <= names
+
+
+@needs_crds
+@pytest.mark.parametrize("path", RAY_MANIFESTS, ids=lambda p: p.name)
+def test_manifest_matches_the_crd_schema_and_runs_what_a_cluster_needs(path):
     import jsonschema
 
     manifest = yaml.safe_load(path.read_text())
     group, version = manifest["apiVersion"].split("/")
-    assert group == "ray.io"
     jsonschema.validate(manifest, schema_for(manifest["kind"], version))
     spec = manifest["spec"].get("rayClusterSpec", manifest["spec"])
     assert spec["authOptions"]["mode"] == "token"  # auth stays on
-    if manifest["kind"] == "RayJob":
-        entry = manifest["spec"]["entrypoint"]
-        spec_file = entry.split("vlrlhf run ")[1].split()[0]
-        assert (ROOT / spec_file).is_file()  # the entrypoint runs a spec that ships
+    assert spec["headGroupSpec"]["rayStartParams"]["num-cpus"] == "0"  # the driver only on the head
+    for pod in pods(manifest):
+        container = pod["containers"][0]
+        assert container["image"].endswith("-gpu")
+        assert {m["mountPath"] for m in container["volumeMounts"]} >= {"/shared", "/data", "/models"}
+        claims = {v["persistentVolumeClaim"]["claimName"] for v in pod["volumes"] if "persistentVolumeClaim" in v}
+        assert claims == {"vlrlhf-shared", "vlrlhf-data", "vlrlhf-models"}
+        assert {s["secretRef"]["name"] for s in container["envFrom"]} == {"vlrlhf-s3", "vlrlhf-wandb"}
+        assert {"containerPort": 8080, "name": "metrics"} in container["ports"]  # Prometheus
+    for worker in pods(manifest)[1:]:
+        assert any(t["key"] == "nvidia.com/gpu" for t in worker["tolerations"]) and worker["nodeSelector"]
+        assert worker["containers"][0]["resources"]["limits"]["nvidia.com/gpu"]
 
 
-@pytest.mark.skipif(not CRDS.is_dir(), reason="the KubeRay CRDs live in ../shared/kuberay beside the checkout")
+@needs_crds
+@pytest.mark.parametrize("path", [p for p in RAY_MANIFESTS if p.name.startswith("rayjob")], ids=lambda p: p.name)
+def test_a_rayjob_runs_a_shipped_spec_that_fits_its_cluster_and_resumes(path):
+    from jobs.plan import nodes_from_manifest, plan_spec
+    from vlrlhf.config import load_spec
+
+    manifest = yaml.safe_load(path.read_text())
+    command = manifest["spec"]["entrypoint"].split()
+    assert command[:2] == ["vlrlhf", "run"]
+    # the spec is mounted from the vlrlhf-specs ConfigMap, made from configs/ (see the header)
+    spec_file = ROOT / "configs" / pathlib.Path(command[2]).name
+    assert command[2].startswith("/specs/") and spec_file.is_file()
+    assert f"--from-file=configs/{spec_file.name}" in path.read_text()
+    overrides = [word for word in command[3:] if "=" in word and not word.startswith("--")]
+    assert "checkpoint.resume=auto" in overrides and manifest["spec"]["backoffLimit"] >= 1  # a retry resumes
+    assert command[command.index("--run-dir") + 1].startswith("/shared/")  # run folders outlive the head
+    spec = load_spec(spec_file, overrides)
+    assert spec.checkpoint.dir.startswith(("/shared/", "s3://", "gs://"))  # every node sees it
+    plan = plan_spec(spec, nodes_from_manifest(manifest))
+    assert plan.fits, plan.problems
+
+
+def test_volumes_are_shared_by_every_node():
+    claims = list(yaml.safe_load_all((ROOT / "configs" / "kuberay" / "storage.yaml").read_text()))
+    assert {c["metadata"]["name"] for c in claims} == {"vlrlhf-shared", "vlrlhf-data", "vlrlhf-models"}
+    assert all(c["spec"]["accessModes"] == ["ReadWriteMany"] for c in claims)
+
+
+@needs_crds
 def test_a_wrong_manifest_is_caught():
     import jsonschema
 
