@@ -7,19 +7,27 @@
 The critic starts from `online.critic.path` (default: the policy's model.path); a reward
 model folder brings its trained head, otherwise the head is fresh. V(s_t) is read at
 position t - 1, aligned with each generated token's log-prob (vlrlhf.models.value_head).
+`online.critic.lora` trains LoRA adapters on the language model (and the head) instead of
+every weight: a 7B critic then needs no Adam state for its backbone.
 Data parallelism as the policy's: full replicas, one all-reduce of the gradients.
+Checkpoints hold the critic's weights (an adapter folder with LoRA), head, optimizer,
+schedule and RNG (`save` / `load_state`), so a resumed PPO run continues exactly.
 """
 
 from __future__ import annotations
 
+import pathlib
+
 import torch
 
 from actors.group import WorkerBase
-from actors.policy import device, load_options, optimizer_step, schedule
+from actors.policy import _rng_state, _set_rng_state, device, load_options, optimizer_step, schedule
 from vlrlhf.config import ModelSpec, TrainerSpec
 from vlrlhf.models.registry import load_adapter
 from vlrlhf.models.value_head import load_head, save_head, token_values
 from vlrlhf.training import ValueBatch, value_micro_step
+
+STATE_FILE = "critic_state.pt"
 
 
 class CriticWorker(WorkerBase):
@@ -31,6 +39,13 @@ class CriticWorker(WorkerBase):
         network = self.adapter.load_model(load_options(model))
         if model.freeze_vision:
             self.adapter.freeze_vision(network)
+        if critic.lora is not None:
+            from peft import LoraConfig, get_peft_model
+
+            lora = critic.lora
+            targets = self.adapter.lora_targets(network) if lora.targets == "auto" else lora.targets
+            network = get_peft_model(network, LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
+                                                         target_modules=targets))
         if model.gradient_checkpointing:
             network.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         self.model = network.to(self.device).train()
@@ -69,7 +84,29 @@ class CriticWorker(WorkerBase):
         return {"sums": sums, "grad_norm": grad_norm}
 
     def save(self, folder: str) -> None:
+        """Rank 0: an HF folder (an adapter folder with LoRA), the value head and critic_state.pt
+        (optimizer, schedule, RNG)."""
         if self.rank == 0:
             self.model.save_pretrained(folder)
             self.adapter.processor.save_pretrained(folder)
             save_head(self.head, folder)
+            torch.save({"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+                        "rng": _rng_state()}, pathlib.Path(folder) / STATE_FILE)
+
+    def load_state(self, folder: str) -> None:
+        """What `save` wrote: weights, head, optimizer, schedule, RNG."""
+        from safetensors.torch import load_file
+
+        out = pathlib.Path(folder)
+        if self.critic.lora is not None:
+            from peft import set_peft_model_state_dict
+
+            set_peft_model_state_dict(self.model, load_file(out / "adapter_model.safetensors"))
+        else:
+            loaded = type(self.model).from_pretrained(out, dtype=next(self.model.parameters()).dtype)
+            self.model.load_state_dict(loaded.state_dict())
+        self.head.load_state_dict(load_head(out).state_dict())
+        state = torch.load(out / STATE_FILE, weights_only=False)
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        _set_rng_state(state["rng"])

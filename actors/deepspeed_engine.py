@@ -11,6 +11,7 @@ steps. On CPU the engine runs over gloo (FACTS: DeepSpeed on CPU).
 
 from __future__ import annotations
 
+import contextlib
 import math
 import pathlib
 
@@ -36,7 +37,8 @@ def engine_config(trainer, micro_batches_per_step: int, world_size: int, dtype: 
 class DeepSpeedStrategy:
     """engine.backward / engine.step over a step's micro-batches; saves and loads the engine state."""
 
-    def __init__(self, model, optimizer, scheduler, trainer, world_size: int, dtype: str = "float32"):
+    def __init__(self, model, optimizer, scheduler, trainer, world_size: int, dtype: str = "float32",
+                 variable_steps: bool = False):
         import os
 
         import deepspeed
@@ -48,6 +50,9 @@ class DeepSpeedStrategy:
         per_worker = trainer.batch_size // world_size
         self.micro_batches = math.ceil(per_worker / trainer.micro_batch_size)
         self.world_size = world_size
+        # online RL: a step's micro-batch count follows the rollout (kept samples vary), so the
+        # step's last micro-batch is marked as the accumulation boundary by hand
+        self.variable_steps, self.remaining = variable_steps, 0
         self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
             model=model, optimizer=optimizer, lr_scheduler=scheduler,
             config=engine_config(trainer, self.micro_batches, world_size, dtype))
@@ -56,6 +61,9 @@ class DeepSpeedStrategy:
         """What engine.forward does first. The adapters call the model's parts (decoder,
         chunked head) rather than engine(...), so this is called instead: ZeRO counts
         micro-steps here, and without it ZeRO-3 overwrites accumulated gradients."""
+        if self.variable_steps:
+            self.remaining -= 1
+            self.engine.set_gradient_accumulation_boundary(self.remaining == 0)
         if hasattr(self.engine.optimizer, "clear_backward_seen_flag"):
             self.engine.optimizer.clear_backward_seen_flag()
 
@@ -64,6 +72,11 @@ class DeepSpeedStrategy:
         self.engine.step()  # steps the optimizer and schedule only at the accumulation boundary
 
     def check_boundary(self, micro_batches: int) -> None:
+        """A step of `micro_batches` starts: fixed steps must match the engine's accumulation;
+        variable steps take the count (every rank must run the same number)."""
+        if self.variable_steps:
+            self.remaining = micro_batches
+            return
         if micro_batches != self.micro_batches:
             raise ValueError(f"deepspeed: {micro_batches} micro-batches in a step, the engine was built for "
                              f"{self.micro_batches} (trainer.batch_size / workers / micro_batch_size)")
@@ -71,6 +84,10 @@ class DeepSpeedStrategy:
     def grad_norm(self) -> float:
         norm = self.engine.get_global_grad_norm()
         return float(norm) if norm is not None else 0.0
+
+    @property
+    def stage(self) -> int:
+        return self.engine.zero_optimization_stage()
 
     def full_state_dict(self) -> dict | None:
         """The whole model's weights (ZeRO-3 gathers its partitions; every rank must call)."""
@@ -85,3 +102,14 @@ class DeepSpeedStrategy:
         path, _ = self.engine.load_checkpoint(str(pathlib.Path(folder) / STATE_FOLDER), tag=TAG)
         if path is None:
             raise FileNotFoundError(f"{folder}: no DeepSpeed state under {STATE_FOLDER}/{TAG}")
+
+
+def gathered(parameters: list, strategy: DeepSpeedStrategy | None):
+    """A block in which ZeRO-3's partitioned `parameters` are whole on every rank (then
+    partitioned again, unchanged). It is a collective: every rank enters it, for the same
+    parameters in the same order. Without ZeRO-3 there is nothing to gather."""
+    if strategy is None or strategy.stage != 3:
+        return contextlib.nullcontext()
+    import deepspeed
+
+    return deepspeed.zero.GatheredParameters(parameters, modifier_rank=None)

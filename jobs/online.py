@@ -10,8 +10,14 @@
            ppo           GAE over the critic's values, KL in the reward (k1), whitened
       -> online.epochs x online.mini_batches optimizer steps of the policy (PPO-clip)
          and, for PPO, of the critic (clipped value loss)
-      -> weight sync policy -> rollout (object store, or a gloo/NCCL broadcast)
-      -> log, checkpoint
+      -> weight sync policy -> rollout (object store, or a gloo/NCCL broadcast; ZeRO-3 gathers first)
+      -> log (and Ray gauges), checkpoint
+
+The step's prompts are split across the rollout engines (contiguous shares, a seed of
+their own each) and the samples gathered back in prompt order (actors.rollout).
+`checkpoint.resume` restores every role (policy and critic optimizers, schedules, RNG),
+the place in the prompt order, the sampling seeds and, with async rollouts, the samples
+already drawn for the next step: a resumed run repeats the uninterrupted one.
 
 Each stage is timed (time/*). With `online.async_rollout` the rollout of step t+1 runs
 while step t trains (one step off-policy): its behaviour log-probs come from the
@@ -25,7 +31,8 @@ in the rewards and the baselines).
 from __future__ import annotations
 
 import dataclasses
-import itertools
+import functools
+import io
 import pathlib
 import time
 
@@ -37,8 +44,9 @@ from actors.group import ActorGroup
 from actors.policy import PolicyWorker
 from actors.reference import ReferenceWorker
 from actors.reward import RewardModelWorker
-from actors.rollout import RolloutWorker, Sampling, sync_weights
-from jobs.checkpoints import open_checkpoints
+from actors.rollout import RolloutWorker, Sample, Sampling, collect_rollout, start_rollout, sync_weights
+from actors.storage import is_uri, open_uri, write_folder
+from jobs.checkpoints import open_checkpoints, resume_from
 from jobs.common import Tracker, colocation_reserve, plot_curves
 from jobs.rows import Row, collate_rl, collate_values, padded, rl_example, scatter, scoring_batches, unpadded
 from vlrlhf.config import JobSpec
@@ -51,6 +59,48 @@ from vlrlhf.rewards import RewardSet, RewardTerm
 from vlrlhf.training import finish_metrics
 
 GROUP_BASELINES = ("grpo", "rloo")
+ONLINE_STATE = "online_state.pt"  # the driver's part of a checkpoint
+GAUGES = {  # Ray metrics of the step (the dashboard's Metrics page; Prometheus as ray_<name>)
+    "train/reward": ("vlrlhf_reward", "mean sampled reward of the step"),
+    "train/reference_kl": ("vlrlhf_kl", "KL(behaviour || reference) per completion token (k1 on the samples)"),
+    "time/step_s": ("vlrlhf_step_time_s", "seconds per step"),
+    "rollout/tokens_per_s": ("vlrlhf_rollout_tokens_per_s", "sampled tokens per second of rollout"),
+}
+
+
+@dataclasses.dataclass
+class Pending:
+    """A submitted rollout."""
+
+    indices: list[int]  # the prompts' positions in data.train
+    records: list  # their PromptRecords
+    requests: list[dict]  # chats and loaded images, one per prompt
+    calls: list  # (index of the share's first prompt, ObjectRef or samples) per engine
+    started: float  # perf_counter at submission
+    samples: list[Sample] | None = None  # once collected, in prompt order
+
+
+def make_gauges() -> dict:
+    """One Ray gauge per GAUGES key; none when Ray is not running (in-process runs)."""
+    import ray
+
+    if not ray.is_initialized():
+        return {}
+    from ray.util.metrics import Gauge
+
+    return {key: Gauge(name, description) for key, (name, description) in GAUGES.items()}
+
+
+def read_online_state(source: str) -> dict:
+    """The driver's state file of a checkpoint folder or URI."""
+    if is_uri(source):
+        filesystem, root = open_uri(source)
+        with filesystem.open_input_file(f"{root}/{ONLINE_STATE}") as handle:
+            return torch.load(io.BytesIO(handle.read()), weights_only=False)
+    path = pathlib.Path(source) / ONLINE_STATE
+    if not path.is_file():
+        raise ValueError(f"checkpoint.resume: {source} is not a checkpoint of an online job (no {ONLINE_STATE})")
+    return torch.load(path, weights_only=False)
 
 
 def advantages_for(name: str, online, scores: torch.Tensor, rows: list[Row]):
@@ -77,8 +127,9 @@ class OnlineJob:
         run_dir.mkdir(parents=True, exist_ok=True)
         self.bad = BadRecords(spec.data.on_bad_record, run_dir / "quarantine.jsonl")
         self.records = read_records(spec.data.train, spec.data.format, options=spec.data.format_options, bad=self.bad)
-        if not self.records:
-            raise ValueError(f"data.train: no prompts in {spec.data.train}")
+        if len(self.records) < spec.online.prompts_per_step:
+            raise ValueError(f"data.train: {len(self.records)} prompts, fewer than online.prompts_per_step="
+                             f"{spec.online.prompts_per_step}")
         self.adapter = load_adapter(spec.model.path, adapter=spec.model.adapter)
         online = self.online
         self.rewards = RewardSet([RewardTerm(**t.model_dump()) for t in online.rewards]) if online.rewards else None
@@ -116,49 +167,65 @@ class OnlineJob:
         self.sleeps = bool(spec.resources.rollout.colocate) and not online.async_rollout
         self.checkpoints = open_checkpoints(spec.checkpoint.dir, spec.checkpoint.keep_last, run_dir / "staging")
         self.tracker = Tracker(spec, run_dir)
+        self.gauges = make_gauges()
         self.sampling = Sampling(n=online.n, temperature=online.temperature, top_p=online.top_p,
                                  max_tokens=online.max_tokens, seed=spec.trainer.seed)
-        self.step, self.submitted = 0, 0
+        # where the next prompts come from, and how many rollouts were submitted (the seeds)
+        self.step, self.epoch, self.position, self.submitted = 0, 0, 0, 0
+        self.restored = None  # a checkpoint's samples for the next step (async_rollout)
 
     # ------------------------------------------------------------------ prompts and rollouts
-    def prompts(self):
-        """Batches of prompt records, epoch after epoch, in the seeded order."""
-        for epoch in itertools.count():
-            records = ordered(self.records, self.spec.trainer.seed, epoch)
-            per_step = self.online.prompts_per_step
-            for start in range(0, len(records) - per_step + 1, per_step):
-                yield records[start:start + per_step]
+    def next_prompts(self) -> list[int]:
+        """Indices of the next prompts_per_step records in the seeded order of the epoch; the
+        next epoch (a new order) once the current one has no full batch left."""
+        per_step = self.online.prompts_per_step
+        if self.position + per_step > len(self.records):
+            self.epoch, self.position = self.epoch + 1, 0
+        order = ordered(list(range(len(self.records))), self.spec.trainer.seed, self.epoch)
+        self.position += per_step
+        return order[self.position - per_step:self.position]
 
     def request(self, record) -> dict:
         images = [load_image(source, image_root=self.spec.data.image_root, max_pixels=self.spec.data.max_pixels)
                   for source in record.images]
         return {"messages": [m.model_dump() for m in record.prompt], "images": images}
 
-    def submit(self, records) -> tuple:
-        """Start a rollout (an ObjectRef with Ray workers; done at once in-process)."""
+    def submit(self, indices: list[int]) -> Pending:
+        """Start a rollout across the engines (ObjectRefs on Ray workers; done at once in-process)."""
+        records = [self.records[i] for i in indices]
         requests = [self.request(record) for record in records]
         self.submitted += 1  # a fresh seed per rollout: the same seed would redraw the same samples
         sampling = self.sampling if self.sampling.seed is None else dataclasses.replace(
             self.sampling, seed=self.sampling.seed * 1_000_003 + self.submitted)
         started = time.perf_counter()
-        return records, requests, self.rollout.broadcast("generate", requests, sampling)[0], started
+        return Pending(indices, records, requests, start_rollout(self.rollout, requests, sampling), started)
+
+    def collect(self, pending: Pending) -> list[Sample]:
+        if pending.samples is None:
+            pending.samples = collect_rollout(self.rollout, pending.calls)
+        return pending.samples
 
     # ------------------------------------------------------------------ the loop
     def run(self) -> dict:
-        progress = tqdm(total=self.total_steps, desc=self.spec.name, unit="step", dynamic_ncols=True)
-        batches = self.prompts()
-        pending, last = self.submit(next(batches)), {}
+        self.resume()
+        progress = tqdm(total=self.total_steps, initial=self.step, desc=self.spec.name, unit="step",
+                        dynamic_ncols=True)
+        last, pending = {}, self.restored
+        if pending is None and self.step < self.total_steps:
+            pending = self.submit(self.next_prompts())
         while self.step < self.total_steps:
-            records, requests, ref, submitted = pending
             mark = time.perf_counter()
-            samples = self.rollout.get([ref])[0]
-            timings = {"rollout_wait_s": time.perf_counter() - mark, "rollout_s": time.perf_counter() - submitted}
+            samples = self.collect(pending)
+            timings = {"rollout_wait_s": time.perf_counter() - mark, "rollout_s": time.perf_counter() - pending.started}
+            current, pending = pending, None
             more = self.step + 1 < self.total_steps
             if more and self.online.async_rollout:  # step t+1 samples from the weights step t starts with
-                pending = self.submit(next(batches))
-            last = self.train_step(records, requests, samples, timings, progress)
+                pending = self.submit(self.next_prompts())
+            last = self.train_step(current.records, current.requests, samples, timings, progress)
+            if more and self.checkpoints.due(self.step, self.spec.checkpoint):
+                self.checkpoints.save(self.step, functools.partial(self.save, pending=pending))
             if more and not self.online.async_rollout:
-                pending = self.submit(next(batches))
+                pending = self.submit(self.next_prompts())
         progress.close()
         checkpoint = self.checkpoints.save(self.step, self.save)
         self.tracker.close()
@@ -171,13 +238,45 @@ class OnlineJob:
         print(f"checkpoint: {checkpoint}")
         return summary
 
-    def save(self, folder) -> None:
-        state = {"epoch": 0, "position": 0, "spec": self.spec.model_dump()}
+    # ------------------------------------------------------------------ checkpoints
+    def save(self, folder: str, pending: Pending | None = None) -> list:
+        """Every writer's part, from where it runs (returns their reports): the policy (weights,
+        optimizer, schedule, RNG), the critic (the same, under critic/), and the driver's place:
+        step, epoch, position in the prompt order, rollouts submitted (the sampling seeds) and,
+        with async_rollout, the next step's samples (drawn from the weights before this step's
+        update, they cannot be drawn again after a restart)."""
+        state = {"epoch": self.epoch, "position": self.position, "spec": self.spec.model_dump()}
         reports = self.policy.get(self.policy.broadcast("write_checkpoint", folder, state))  # from each worker's node
         if self.critic is not None:  # the value model beside the policy: critic/ (HF folder + value head)
             reports += self.critic.get(self.critic.broadcast("write_checkpoint", f"{folder}/critic"))
+        next_step = None if pending is None else {"indices": pending.indices,
+                                                  "samples": [dataclasses.asdict(s) for s in self.collect(pending)]}
+        driver = {"step": self.step, "epoch": self.epoch, "position": self.position, "submitted": self.submitted,
+                  "pending": next_step}
+        reports.append(write_folder(folder, lambda local: torch.save(driver, pathlib.Path(local) / ONLINE_STATE)))
         return reports
 
+    def resume(self) -> None:
+        """checkpoint.resume (auto: the newest complete checkpoint under checkpoint.dir, if any):
+        every role's state and the driver's place; the engines then get the policy's weights."""
+        source = resume_from(self.spec, self.checkpoints)
+        if source is None:
+            return
+        state = read_online_state(str(source))
+        self.policy.get(self.policy.broadcast("read_checkpoint", str(source)))
+        if self.critic is not None:
+            self.critic.get(self.critic.broadcast("read_checkpoint", f"{source}/critic"))
+        self.step, self.epoch, self.position, self.submitted = (state[k] for k in ("step", "epoch", "position",
+                                                                                   "submitted"))
+        if state["pending"] is not None:
+            indices = state["pending"]["indices"]
+            records = [self.records[i] for i in indices]
+            self.restored = Pending(indices, records, [self.request(r) for r in records], [], time.perf_counter(),
+                                    [Sample(**sample) for sample in state["pending"]["samples"]])
+        sync_weights(self.policy, self.rollout, self.online.weight_sync)
+        print(f"resumed from {source}: step {self.step}, epoch {self.epoch}, position {self.position}", flush=True)
+
+    # ------------------------------------------------------------------ one step
     def train_step(self, records, requests, samples, timings, progress) -> dict:
         started = time.perf_counter() - timings["rollout_wait_s"]
         prompts = [self.adapter.encode_prompt(r["messages"], r["images"]) for r in requests]
@@ -197,7 +296,12 @@ class OnlineJob:
         values.update({"train/reward": float(scores.mean()), "train/reward_std": float(scores.std()),
                        "train/groups_kept": float(keep.float().mean()),
                        "train/response_length": sum(s.length for s in samples) / len(samples),
-                       "train/truncated": sum(s.finish_reason == "length" for s in samples) / len(samples)})
+                       "train/truncated": sum(s.finish_reason == "length" for s in samples) / len(samples),
+                       "rollout/tokens_per_s": sum(s.length for s in samples) / timings["rollout_s"]})
+        if rows[0].ref_logprobs is not None:  # how far the sampling policy is from the reference (k1)
+            behaviour, mask = padded(rows, "logprobs")
+            reference = padded(rows, "ref_logprobs")[0]
+            values["train/reference_kl"] = float(((behaviour - reference) * mask).sum() / mask.sum())
         masked = self.online.truncated == "mask"  # DAPO's overlong filtering: cut answers teach nothing
         rows = [row for row in rows if keep[row.request] and not (masked and row.truncated)]
         values["train/trained_samples"] = float(len(rows))
@@ -222,8 +326,9 @@ class OnlineJob:
             print(f"step {self.step}/{self.total_steps} " + " ".join(f"{k.split('/', 1)[1]}={v:.4g}"
                                                                    for k, v in values.items()), flush=True)
         self.tracker.log(self.step, values)
-        if self.checkpoints.due(self.step, self.spec.checkpoint) and self.step < self.total_steps:
-            self.checkpoints.save(self.step, self.save)
+        for key, gauge in self.gauges.items():
+            if key in values:
+                gauge.set(values[key])
         return values
 
     def score(self, records, requests, samples, rows) -> tuple[torch.Tensor, dict]:
@@ -278,7 +383,8 @@ class OnlineJob:
             for start in range(0, len(rows), size):
                 mini = [rows[i] for i in order[start:start + size]]
                 tokens = float(sum(len(row.logprobs) for row in mini))
-                shards = self.shards(self.policy, mini, self.collate_policy)
+                shards = self.shards(self.policy, mini, self.collate_policy,
+                                     equal=self.spec.trainer.strategy == "deepspeed")
                 policy = self.policy.map("train_step", shards, [None] * len(shards), [tokens] * len(shards))
                 critic = []
                 if self.critic is not None:
@@ -297,12 +403,21 @@ class OnlineJob:
     def collate_policy(self, adapter, rows: list[Row]):
         return collate_rl(adapter, rows, with_reference=self.name in GROUP_BASELINES)  # else the KL is in the reward
 
-    def shards(self, group, rows: list[Row], collate) -> list[list]:
-        """Rows split evenly over the group's workers, as micro-batches (a worker may get none)."""
+    def shards(self, group, rows: list[Row], collate, equal: bool = False) -> list[list]:
+        """Rows split evenly over the group's workers, as micro-batches (a worker may get none).
+        `equal`: every worker gets as many micro-batches as the busiest one (DeepSpeed runs
+        collectives in each forward and backward); the missing ones hold a copy of a row with
+        no label, which adds no loss, no gradient and no metric."""
         world, micro = group.world_size, self.spec.trainer.micro_batch_size
         size = -(-len(rows) // world)
         shares = [rows[w * size:(w + 1) * size] for w in range(world)]
-        return [[collate(self.adapter, share[i:i + micro]) for i in range(0, len(share), micro)] for share in shares]
+        chunks = [[share[i:i + micro] for i in range(0, len(share), micro)] for share in shares]
+        if equal:
+            most = max(len(c) for c in chunks)
+            blank = dataclasses.replace(rows[0], example=dataclasses.replace(
+                rows[0].example, labels=[-100] * len(rows[0].example.labels)))
+            chunks = [c + [[blank]] * (most - len(c)) for c in chunks]
+        return [[collate(self.adapter, chunk) for chunk in c] for c in chunks]
 
     def shutdown(self) -> None:
         groups = (self.policy, self.reference, self.rollout, self.reward_model, self.critic)

@@ -71,3 +71,43 @@ def test_the_reward_model_role_scores_at_the_last_token(tiny_path, tmp_path):
         expected = last_token_scores(adapter, model, head, adapter.collate([example]))
         assert score == pytest.approx(float(expected[0]), abs=1e-5)
     assert one[0] != pytest.approx(one[1], abs=1e-6)  # the completion matters
+
+
+def test_a_lora_critic_trains_adapters_and_head_only_and_resumes_exactly(tiny_path, tmp_path):
+    """online.critic.lora: the backbone stays frozen (no Adam state for it); the adapters and the
+    head learn; save + load_state into a fresh critic continues with the same next step."""
+    from vlrlhf.config import LoraSpec
+
+    path = str(tiny_path("llava"))
+    trainer = TrainerSpec(lr=1e-2, lr_schedule="constant", max_grad_norm=None, seed=0)
+    spec = CriticSpec(lr=1e-2, value_clip=None, lora=LoraSpec(r=4, alpha=8))
+
+    def make() -> CriticWorker:
+        worker = CriticWorker(ModelSpec(path=path), spec, trainer, total_steps=10)
+        worker.setup_distributed("127.0.0.1", 0, 0, 1)
+        return worker
+
+    critic = make()
+    trainable = {n for n, p in critic.model.named_parameters() if p.requires_grad}
+    assert trainable and all("lora_" in name for name in trainable)
+    frozen = {n: p.detach().clone() for n, p in critic.model.named_parameters() if not p.requires_grad}
+    rows = rows_for(critic.adapter)
+    batches = scoring_batches(critic.adapter, rows, micro_batch_size=3)
+    initial = critic.values(batches)[0]
+    for row, values, returns in zip(rows, scatter(critic.values(batches), batches),
+                                    [[1.0, 0.5, -0.5], [2.0, -1.0], [0.0, 0.3, 0.6, 0.9]], strict=True):
+        row.values, row.returns = values, returns
+    step = [collate_values(critic.adapter, rows)]
+    critic.train_step(step, normaliser=9.0)
+    adam = sum(t.numel() for s in critic.optimizer.state.values() for t in s.values() if torch.is_tensor(t) and t.dim())
+    lora_and_head = sum(p.numel() for p in critic.parameters)
+    assert adam == 2 * lora_and_head  # exp_avg and exp_avg_sq of the adapters and head only
+    assert lora_and_head < 0.2 * sum(p.numel() for p in critic.model.parameters())
+    assert all(torch.equal(p, frozen[n]) for n, p in critic.model.named_parameters() if n in frozen)
+    assert not torch.allclose(critic.values(batches)[0], initial)  # the adapters and head moved the values
+    critic.save(str(tmp_path / "critic"))
+    critic.train_step(step, normaliser=9.0)
+    resumed = make()
+    resumed.load_state(str(tmp_path / "critic"))
+    resumed.train_step(step, normaliser=9.0)
+    torch.testing.assert_close(resumed.values(batches)[0], critic.values(batches)[0], atol=1e-6, rtol=0)
