@@ -72,32 +72,36 @@ def _text_config(tokenizer, **overrides) -> dict:
 
 # ---------------------------------------------------------------- families
 
-def build_llava(next_version: bool = False):
+def build_llava(next_version: bool = False, text: dict | None = None, vision: dict | None = None,
+                image_size: int = IMAGE_SIZE, patch_size: int = 14):
+    """`text`, `vision`: overrides of TEXT and VISION; image_size / patch_size set the image
+    tokens, (image_size // patch_size) ** 2 (benchmarks build larger LLaVAs this way)."""
     from transformers import (CLIPImageProcessor, LlavaConfig, LlavaNextConfig,
                               LlavaNextImageProcessor, LlavaNextProcessor, LlavaProcessor)
     specials = ["<unk>", "<s>", "</s>", "<pad>", "<image>"]
     tokenizer = wrap_tokenizer(specials, bos="<s>", eos="</s>", pad="<pad>",
                                extra={"image_token": "<image>"}, add_bos_token=True)
-    vision = dict(VISION, model_type="clip_vision_model", image_size=IMAGE_SIZE, patch_size=14,
-                  projection_dim=32)
-    common = dict(vision_config=vision, text_config=dict(_text_config(tokenizer), model_type="llama"),
+    vision = dict(VISION, model_type="clip_vision_model", image_size=image_size, patch_size=patch_size,
+                  projection_dim=32, **(vision or {}))
+    text_config = dict(_text_config(tokenizer), model_type="llama", **(text or {}))
+    common = dict(vision_config=vision, text_config=text_config,
                   image_token_index=tokenizer.convert_tokens_to_ids("<image>"),
                   vision_feature_layer=-2, vision_feature_select_strategy="default",
                   tie_word_embeddings=False)
-    size = {"shortest_edge": IMAGE_SIZE}
-    crop = {"height": IMAGE_SIZE, "width": IMAGE_SIZE}
+    size = {"shortest_edge": image_size}
+    crop = {"height": image_size, "width": image_size}
     if next_version:
-        pinpoints = [[IMAGE_SIZE, IMAGE_SIZE], [IMAGE_SIZE, 2 * IMAGE_SIZE], [2 * IMAGE_SIZE, IMAGE_SIZE]]
+        pinpoints = [[image_size, image_size], [image_size, 2 * image_size], [2 * image_size, image_size]]
         config = LlavaNextConfig(**common, image_grid_pinpoints=pinpoints)
         image_processor = LlavaNextImageProcessor(size=size, crop_size=crop, image_grid_pinpoints=pinpoints)
         processor = LlavaNextProcessor(image_processor=image_processor, tokenizer=tokenizer,
-                                       patch_size=14, vision_feature_select_strategy="default",
+                                       patch_size=patch_size, vision_feature_select_strategy="default",
                                        num_additional_image_tokens=1,
                                        chat_template=templates.MISTRAL_INST)
     else:
-        config = LlavaConfig(**common, image_seq_length=(IMAGE_SIZE // 14) ** 2)
+        config = LlavaConfig(**common, image_seq_length=(image_size // patch_size) ** 2)
         image_processor = CLIPImageProcessor(size=size, crop_size=crop)
-        processor = LlavaProcessor(image_processor=image_processor, tokenizer=tokenizer, patch_size=14,
+        processor = LlavaProcessor(image_processor=image_processor, tokenizer=tokenizer, patch_size=patch_size,
                                    vision_feature_select_strategy="default", num_additional_image_tokens=1,
                                    chat_template=templates.LLAVA_15)
     return config, processor
@@ -139,7 +143,10 @@ def build_qwen2_vl(version: str = "2"):
 
 
 def build_idefics3(smol: bool = False):
-    from transformers import Idefics3Config, Idefics3ImageProcessor, Idefics3Processor
+    """Idefics3, or SmolVLM (`smol`): the same SigLIP + pixel-shuffle + Llama layout under
+    SmolVLM's config and processor classes (its processor also holds a video processor)."""
+    from transformers import (Idefics3Config, Idefics3ImageProcessor, Idefics3Processor, SmolVLMConfig,
+                              SmolVLMImageProcessor, SmolVLMProcessor, SmolVLMVideoProcessor)
     specials = ["<|endoftext|>", "<|im_start|>", "<end_of_utterance>", "<fake_token_around_image>",
                 "<global-img>", "<image>"] + [f"<row_{r}_col_{c}>" for r in range(1, 7) for c in range(1, 7)]
     tokenizer = wrap_tokenizer(specials, bos="<|im_start|>", eos="<end_of_utterance>",
@@ -147,17 +154,21 @@ def build_idefics3(smol: bool = False):
                                                           "fake_image_token": "<fake_token_around_image>",
                                                           "global_image_token": "<global-img>"})
     scale = 2
-    config = Idefics3Config(
+    config = (SmolVLMConfig if smol else Idefics3Config)(
         text_config=dict(_text_config(tokenizer), model_type="llama"),
         vision_config=dict(VISION, image_size=IMAGE_SIZE, patch_size=14),
         image_token_id=tokenizer.convert_tokens_to_ids("<image>"), scale_factor=scale,
         pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=False)
-    image_processor = Idefics3ImageProcessor(
-        size={"longest_edge": IMAGE_SIZE}, max_image_size={"longest_edge": IMAGE_SIZE},
-        do_image_splitting=False)
+    sizes = dict(size={"longest_edge": IMAGE_SIZE}, max_image_size={"longest_edge": IMAGE_SIZE},
+                 do_image_splitting=False)
     seq_len = ((IMAGE_SIZE // 14) ** 2) // (scale ** 2)
-    processor = Idefics3Processor(image_processor=image_processor, tokenizer=tokenizer,
-                                  image_seq_len=seq_len, chat_template=templates.IDEFICS3)
+    if smol:
+        processor = SmolVLMProcessor(image_processor=SmolVLMImageProcessor(**sizes), tokenizer=tokenizer,
+                                     video_processor=SmolVLMVideoProcessor(**sizes), image_seq_len=seq_len,
+                                     chat_template=templates.IDEFICS3)
+    else:
+        processor = Idefics3Processor(image_processor=Idefics3ImageProcessor(**sizes), tokenizer=tokenizer,
+                                      image_seq_len=seq_len, chat_template=templates.IDEFICS3)
     return config, processor
 
 
@@ -204,11 +215,12 @@ def build_instructblip():
 
 
 BUILDERS: dict[str, Callable] = {
-    "llava": lambda: build_llava(next_version=False),
+    "llava": lambda **sizes: build_llava(next_version=False, **sizes),
     "llava_next": lambda: build_llava(next_version=True),
     "qwen2_vl": lambda: build_qwen2_vl("2"),
     "qwen2_5_vl": lambda: build_qwen2_vl("2.5"),
     "idefics3": lambda: build_idefics3(),
+    "smolvlm": lambda: build_idefics3(smol=True),
     "paligemma": build_paligemma,
     "instructblip": build_instructblip,
 }
@@ -235,14 +247,15 @@ def rewrite_to_hub_layout(family: str, folder: pathlib.Path) -> None:
     save_file(tensors, path, metadata=metadata)
 
 
-def build_tiny_model(family: str, out_dir: str | pathlib.Path, seed: int = 0) -> pathlib.Path:
-    """Write a tiny random checkpoint of `family` to `out_dir` and return the path."""
+def build_tiny_model(family: str, out_dir: str | pathlib.Path, seed: int = 0, **sizes) -> pathlib.Path:
+    """Write a tiny random checkpoint of `family` to `out_dir` and return the path. `sizes`:
+    the builder's size overrides (build_llava's text/vision/image_size/patch_size)."""
     if family not in BUILDERS:
         raise ValueError(f"family={family!r} is not one of {', '.join(FAMILIES)}")
     out = pathlib.Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(seed)
-    config, processor = BUILDERS[family]()
+    config, processor = BUILDERS[family](**sizes)
     model = AutoModelForImageTextToText.from_config(config, dtype=torch.float32)
     model.generation_config.pad_token_id = processor.tokenizer.pad_token_id
     model.save_pretrained(out)
@@ -253,7 +266,7 @@ def build_tiny_model(family: str, out_dir: str | pathlib.Path, seed: int = 0) ->
     for part in ("image_processor", "video_processor"):
         if getattr(processor, part, None) is not None:
             getattr(processor, part).save_pretrained(out)
-    (out / "vlrlhf_tiny.json").write_text(json.dumps({"family": family, "seed": seed}) + "\n")
+    (out / "vlrlhf_tiny.json").write_text(json.dumps({"family": family, "seed": seed, **sizes}) + "\n")
     return out
 
 
