@@ -41,7 +41,11 @@ class PairLogps:
 def sequence_logps(adapter, model, batch: ModelBatch) -> tuple[torch.Tensor, torch.Tensor]:
     """(B,) summed log-probs of the labels and (B,) label counts. With DDPO token weights
     the score is RLHF-V's weighted mean sum(w lp) / sum(w) instead of the sum."""
-    token_logps = adapter.token_logprobs(model, batch)
+    return score_tokens(adapter.token_logprobs(model, batch), batch)
+
+
+def score_tokens(token_logps: torch.Tensor, batch: ModelBatch) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B, T) token log-probs of `batch` -> sequence_logps' (B,) scores and (B,) label counts."""
     mask = batch.loss_mask
     if batch.label_weights is not None:
         return weighted_sequence_logps(token_logps, mask, batch.label_weights), mask.sum(-1)
@@ -49,10 +53,12 @@ def sequence_logps(adapter, model, batch: ModelBatch) -> tuple[torch.Tensor, tor
 
 
 def pair_logps(adapter, model, pairs: PairBatch) -> PairLogps:
-    """Chosen and rejected rows (and mDPO's corrupted rows), one forward each (the vision
-    tower sees each image twice; a shared-prompt forward would go behind the adapter)."""
-    c, chosen_lengths = sequence_logps(adapter, model, pairs.chosen)
-    r, rejected_lengths = sequence_logps(adapter, model, pairs.rejected)
+    """Chosen and rejected rows in one preference forward (adapter.pair_token_logprobs: each
+    pair's images and prompt go through the model once); mDPO's corrupted rows, whose
+    images differ, in a forward of their own."""
+    chosen_tokens, rejected_tokens = adapter.pair_token_logprobs(model, pairs.chosen, pairs.rejected)
+    c, chosen_lengths = score_tokens(chosen_tokens, pairs.chosen)
+    r, rejected_lengths = score_tokens(rejected_tokens, pairs.rejected)
     corrupted = sequence_logps(adapter, model, pairs.corrupted)[0] if pairs.corrupted is not None else None
     return PairLogps(c, r, chosen_lengths, rejected_lengths, corrupted)
 
@@ -265,10 +271,9 @@ def reward_micro_step(adapter, model, head, pairs: PairBatch, algorithm: Algorit
                       normaliser: float) -> tuple[torch.Tensor, dict[str, float]]:
     """Reward-model training: Bradley-Terry on the scores at each row's last real token."""
     from vlrlhf.losses.preference import bradley_terry_loss
-    from vlrlhf.models.value_head import last_token_scores
+    from vlrlhf.models.value_head import pair_last_token_scores
 
-    chosen = last_token_scores(adapter, model, head, pairs.chosen)
-    rejected = last_token_scores(adapter, model, head, pairs.rejected)
+    chosen, rejected = pair_last_token_scores(adapter, model, head, pairs.chosen, pairs.rejected)
     losses = bradley_terry_loss(chosen, rejected, center_coef=algorithm.center_coef)
     margin = (chosen - rejected).detach()
     return losses.sum() / normaliser, {

@@ -24,6 +24,7 @@ import torch
 from vlrlhf.errors import ReasonError
 from vlrlhf.models.batch import EncodedExample, ModelBatch, collate_examples
 from vlrlhf.models.logprobs import chunked_token_logprobs
+from vlrlhf.models.pairs import PairStates, additive_mask, identity_index, pack_pairs
 
 IMAGE_PLACEHOLDER = "<image>"
 IGNORE_INDEX = -100
@@ -82,6 +83,11 @@ class Adapter:
     extra_rules: ClassVar[dict[str, str]] = {"pixel_values": "concat"}
     # Per-token arrays returned by the processor, padded like input_ids.
     token_arrays: ClassVar[tuple[str, ...]] = ()
+    # The preference forward (pair_states): "packed" runs a pair's images and prompt once
+    # (models/pairs.py; the family's forward must honour a 4D mask and position_ids),
+    # "separate" scores chosen and rejected as two batches. Built-in families pack; an
+    # adapter of your own opts in once tests/models/test_pair_forward.py passes for it.
+    pair_forward: ClassVar[str] = "separate"
 
     def __init__(self, processor, config=None, path: str | None = None):
         self.processor = processor
@@ -233,7 +239,11 @@ class Adapter:
     # ------------------------------------------------------------------ log-probs
     def hidden_states(self, model, batch: ModelBatch) -> torch.Tensor:
         """(B, T, H) last hidden states of the language model."""
-        return unwrap(model).model(**self.model_inputs(batch), use_cache=False).last_hidden_state
+        return self.forward_hidden(model, self.model_inputs(batch))
+
+    def forward_hidden(self, model, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+        """(B, T, H) last hidden states for model inputs (model_inputs, or a packed pair batch's)."""
+        return unwrap(model).model(**inputs, use_cache=False).last_hidden_state
 
     def output_head(self, model):
         """Callable hidden (.., H) -> logits (.., V) including any final soft-capping."""
@@ -251,6 +261,68 @@ class Adapter:
             def head(states):
                 return full_head(states).index_fill(-1, ids, float("-inf"))
         return chunked_token_logprobs(hidden, head, batch.labels, chunk_size=chunk_size)
+
+    # ------------------------------------------------------------------ the preference forward
+    def pair_states(self, model, chosen: ModelBatch, rejected: ModelBatch) -> PairStates:
+        """Last hidden states of a pair batch (row i of each is one pair): packed, so the
+        images and the shared prompt go through the model once per pair, where the family
+        and the pairs allow it (same images, placeholders only in the shared prefix, an
+        attention that takes a 4D mask); otherwise two separate forwards."""
+        inputs, plan = self._packed_inputs(model, chosen, rejected)
+        if inputs is None:
+            return PairStates(self.hidden_states(model, chosen), identity_index(chosen),
+                              self.hidden_states(model, rejected), identity_index(rejected), packed=False)
+        hidden = self.forward_hidden(model, inputs)
+        return PairStates(hidden, plan.chosen_index, hidden, plan.rejected_index, packed=True)
+
+    def pair_token_logprobs(self, model, chosen: ModelBatch, rejected: ModelBatch,
+                            chunk_size: int = 1024) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B, Tc) and (B, Tr) fp32 token log-probs of a pair batch, as token_logprobs gives
+        for each batch alone."""
+        states = self.pair_states(model, chosen, rejected)
+        head = self.output_head(model)
+        return (chunked_token_logprobs(states.chosen, head, chosen.labels, chunk_size, states.chosen_index),
+                chunked_token_logprobs(states.rejected, head, rejected.labels, chunk_size, states.rejected_index))
+
+    def row_position_ids(self, model, batch: ModelBatch) -> torch.Tensor:
+        """(B, T) position ids the model gives each row's tokens, counted from the row's first
+        real token (so either padding side gives the same ids)."""
+        return (batch.attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+
+    def pair_attention(self, plan, inputs: dict[str, torch.Tensor]) -> torch.Tensor | None:
+        """(B, N, N) bool: which packed tokens each packed token attends to (the family's rule
+        in its own row); None where the family's rule cannot be kept in one packed row."""
+        return plan.allowed()
+
+    def _packed_inputs(self, model, chosen: ModelBatch, rejected: ModelBatch):
+        """(model inputs of the packed batch, its plan), or (None, None) where pairs cannot pack."""
+        attention = self.language_model(model).config._attn_implementation
+        if self.pair_forward != "packed" or attention not in ("sdpa", "eager"):
+            return None, None
+        shared = [name for name in chosen.extras if name not in self.token_arrays]
+        if set(chosen.extras) != set(rejected.extras) or not all(
+                torch.equal(chosen.extras[name], rejected.extras[name]) for name in shared):
+            return None, None  # not the same images: nothing to share
+        plan = pack_pairs(chosen, rejected)
+        if not hasattr(self, "_placeholders"):
+            self._placeholders = tuple(self.placeholder_token_ids())
+        input_ids = plan.take(chosen.input_ids, rejected.input_ids, fill=self.tokenizer.pad_token_id)
+        placeholders = torch.isin(input_ids, torch.tensor(self._placeholders, device=input_ids.device))
+        if (placeholders & (plan.branch > 0)).any():
+            return None, None  # an image placeholder after the fork: images are not shared
+        inputs = self.model_inputs(chosen)
+        inputs["input_ids"] = input_ids
+        for name in self.token_arrays:
+            if name in chosen.extras:
+                inputs[name] = plan.take(chosen.extras[name], rejected.extras[name])
+        inputs["position_ids"] = plan.take(self.row_position_ids(model, chosen),
+                                           self.row_position_ids(model, rejected))
+        allowed = self.pair_attention(plan, inputs)
+        if allowed is None:
+            return None, None
+        dtype = self.output_head(model).weight.dtype
+        inputs["attention_mask"] = allowed[:, None] if attention == "sdpa" else additive_mask(allowed, dtype)
+        return inputs, plan
 
     def rollout_logprobs(self, model, batch: ModelBatch) -> torch.Tensor:
         """Log-probs under the distribution rollouts sample from: the model's, with the

@@ -17,6 +17,7 @@ class InstructBlipAdapter(Adapter):
     supports_multi_image = False
     supports_text_only = False
     scores_every_turn = False  # only the last answer is scored
+    pair_forward = "packed"  # the Q-Former reads the prompt only, so a pair shares its queries
     # pixel_values: (B, 3, H, W); qformer_*: (B, Lq) right-padded with 0.
     extra_rules = {"pixel_values": "concat", "qformer_input_ids": "stack_seq",
                    "qformer_attention_mask": "stack_seq"}
@@ -50,9 +51,10 @@ class InstructBlipAdapter(Adapter):
         self.check_length(example, max_length, record)
         return example
 
-    def hidden_states(self, model, batch):
-        # The language model sits behind its own wrapper; take the last hidden layer.
-        out = model(**self.model_inputs(batch), output_hidden_states=True, use_cache=False)
+    def forward_hidden(self, model, inputs):
+        # The language model sits behind its own wrapper; take the last hidden layer
+        # (position_ids, when given, reach it through the wrapper's kwargs).
+        out = model(**inputs, output_hidden_states=True, use_cache=False, logits_to_keep=1)
         return out.language_model_outputs.hidden_states[-1]
 
     def vision_modules(self, model):

@@ -5,5 +5,6 @@ from vlrlhf.models.base import Adapter
 
 class LlavaAdapter(Adapter):
     model_types = ("llava",)
+    pair_forward = "packed"
     # pixel_values: (n_images, 3, H, W), flat over the batch in placeholder order.
     extra_rules = {"pixel_values": "concat"}

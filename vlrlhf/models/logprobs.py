@@ -1,9 +1,10 @@
 """Per-token log-probs without a full-vocabulary fp32 copy of the logits.
 
-The output head runs on chunks of positions; each chunk's logits are upcast to
-fp32, reduced to (log-softmax at the label) and dropped. Under autograd each chunk
-is checkpointed, so backward recomputes its logits instead of keeping them: peak
-logits memory is one chunk, (B, chunk, V), not (B, T, V).
+The output head runs only on the states that predict a label (answers are a small
+share of a VLM row: image tokens and the prompt are never scored), in chunks; each
+chunk's logits are upcast to fp32, reduced to (log-softmax at the label) and dropped.
+Under autograd each chunk is checkpointed, so backward recomputes its logits instead
+of keeping them: peak logits memory is one chunk, (chunk, V), not (B, T, V).
 """
 
 from __future__ import annotations
@@ -22,31 +23,34 @@ def _chunk_logprobs(hidden: torch.Tensor, head: Callable, targets: torch.Tensor)
 
 
 def chunked_token_logprobs(hidden: torch.Tensor, head: Callable, labels: torch.Tensor,
-                           chunk_size: int = 1024) -> torch.Tensor:
+                           chunk_size: int = 1024, index: torch.Tensor | None = None) -> torch.Tensor:
     """Log-probs of the labels under the model.
 
-    hidden: (B, T, H) last hidden states; head: (.., H) -> (.., V); labels: (B, T),
+    hidden: (B, N, H) last hidden states; head: (.., H) -> (.., V); labels: (B, T),
     -100 where not scored. Returns (B, T) fp32 where entry t = log p(labels[t] | tokens < t),
-    computed from hidden[:, t-1]; 0 where labels[t] == -100 (position 0 is never scored).
+    computed from the state of position t-1; 0 where labels[t] == -100 (position 0 is
+    never scored). `index` (B, T): where position t's state lies in `hidden` (packed pair
+    rows, see models.pairs); default t itself (N == T).
+
+    The head runs only on the states that predict a label, in chunks of `chunk_size`.
     """
     if chunk_size <= 0:
         raise ValueError(f"chunk_size={chunk_size} must be positive")
-    batch, length = labels.shape
-    out = hidden.new_zeros((batch, length), dtype=torch.float32)
-    targets = labels[:, 1:]
-    mask = targets != IGNORE_INDEX
-    safe_targets = targets.clamp(min=0)
-    for start in range(0, length - 1, chunk_size):
-        stop = min(start + chunk_size, length - 1)
-        if not mask[:, start:stop].any():
-            continue
-        piece = hidden[:, start:stop]
+    out = hidden.new_zeros(labels.shape, dtype=torch.float32)
+    rows, positions = (labels[:, 1:] != IGNORE_INDEX).nonzero(as_tuple=True)  # label at positions + 1
+    if len(rows) == 0:
+        return out
+    states = positions if index is None else index[rows, positions]
+    targets = labels[rows, positions + 1]
+    values = []
+    for start in range(0, len(rows), chunk_size):
+        piece = hidden[rows[start:start + chunk_size], states[start:start + chunk_size]]
+        chunk_targets = targets[start:start + chunk_size]
         if torch.is_grad_enabled() and piece.requires_grad:
-            values = checkpoint(_chunk_logprobs, piece, head, safe_targets[:, start:stop], use_reentrant=False)
+            values.append(checkpoint(_chunk_logprobs, piece, head, chunk_targets, use_reentrant=False))
         else:
-            values = _chunk_logprobs(piece, head, safe_targets[:, start:stop])
-        out[:, start + 1: stop + 1] = values * mask[:, start:stop]
-    return out
+            values.append(_chunk_logprobs(piece, head, chunk_targets))
+    return out.index_put((rows, positions + 1), torch.cat(values))
 
 
 def sequence_logprobs(token_logps: torch.Tensor, mask: torch.Tensor, average: bool = False) -> torch.Tensor:

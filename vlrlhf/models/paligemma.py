@@ -25,6 +25,7 @@ class PaliGemmaAdapter(Adapter):
     scores_every_turn = False  # only the last answer is scored
     extra_rules = {"pixel_values": "concat"}
     token_arrays = ("token_type_ids",)
+    pair_forward = "packed"  # the bidirectional prefix kept in the packed mask (pair_attention)
 
     def render(self, messages, add_generation_prompt):
         return plain_prompt(messages)
@@ -52,6 +53,17 @@ class PaliGemmaAdapter(Adapter):
         example = self._make_example(self._process(plain_prompt(messages), images, None), [])
         self.check_length(example, max_length, record)
         return example
+
+    def row_position_ids(self, model, batch):
+        return super().row_position_ids(model, batch) + 1  # PaliGemma counts positions from 1
+
+    def pair_attention(self, plan, inputs):
+        """Causal, plus the model's prefix-LM rule: prefix tokens (token type 0: image and
+        prompt) see each other both ways. They must all lie before the fork."""
+        prefix = (inputs["token_type_ids"] == 0) & (plan.branch >= 0)
+        if (prefix & (plan.branch > 0)).any():
+            return None
+        return plan.allowed() | (prefix[:, :, None] & prefix[:, None, :])
 
     def vision_modules(self, model):
         return [model.model.vision_tower]

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from transformers import ProcessorMixin, Qwen2VLProcessor
 
-from vlrlhf.models.base import Adapter
+from vlrlhf.models.base import Adapter, unwrap
 
 
 class ImageOnlyQwen2VLProcessor(Qwen2VLProcessor):
@@ -26,6 +26,7 @@ class Qwen2VLAdapter(Adapter):
     # per position and is required by the model's M-RoPE index.
     extra_rules = {"pixel_values": "concat", "image_grid_thw": "concat"}
     token_arrays = ("mm_token_type_ids",)
+    pair_forward = "packed"  # with each row's M-RoPE ids (row_position_ids)
 
     @classmethod
     def load_processor(cls, path, options):
@@ -48,6 +49,16 @@ class Qwen2VLAdapter(Adapter):
         out = self.processor(text=[text], images=[images] if images else None, add_special_tokens=add_special,
                              return_mm_token_type_ids=True, return_tensors="pt")
         return self._unbatch(out)
+
+    def row_position_ids(self, model, batch):
+        """(3, B, T) M-RoPE ids (temporal, height, width) as the model computes them: image
+        tokens take their grid coordinates, text continues after the largest."""
+        if "image_grid_thw" not in batch.extras:
+            return super().row_position_ids(model, batch)[None].expand(3, -1, -1)
+        position_ids, _ = unwrap(model).model.get_rope_index(
+            batch.input_ids, mm_token_type_ids=batch.extras["mm_token_type_ids"],
+            image_grid_thw=batch.extras["image_grid_thw"], attention_mask=batch.attention_mask)
+        return position_ids
 
     def vision_modules(self, model):
         # The merger (projector) is part of `visual`; keep it trainable.

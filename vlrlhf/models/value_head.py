@@ -56,6 +56,19 @@ def last_token_scores(adapter, model, head: ScalarHead, batch: ModelBatch) -> to
     return head(hidden[rows, last_positions(batch.attention_mask)])
 
 
+def pair_last_token_scores(adapter, model, head: ScalarHead, chosen: ModelBatch,
+                           rejected: ModelBatch) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B,) and (B,) last_token_scores of a pair batch from one preference forward
+    (adapter.pair_states: each pair's images and prompt go through the model once)."""
+    states = adapter.pair_states(model, chosen, rejected)
+    scores = []
+    for hidden, index, batch in ((states.chosen, states.chosen_index, chosen),
+                                 (states.rejected, states.rejected_index, rejected)):
+        rows = torch.arange(len(batch), device=hidden.device)
+        scores.append(head(hidden[rows, index[rows, last_positions(batch.attention_mask)]]))
+    return scores[0], scores[1]
+
+
 def token_values(adapter, model, head: ScalarHead, batch: ModelBatch) -> torch.Tensor:
     """(B, T) V(s_t) for each labelled token t, read at position t - 1 (the state the token
     was generated from, as its log-prob is); 0 off the labels."""
