@@ -67,14 +67,16 @@ def test_grpo_killed_after_a_checkpoint_resumes_exactly_across_an_epoch(ray_clus
 
 
 def test_async_ppo_on_ray_actors_resumes_exactly(ray_cluster, tmp_path, tiny_path):
-    """PPO with every role on a Ray actor (policy, critic, reference, reward model, rollout) and
-    asynchronous rollouts: step 2's checkpoint carries step 3's samples, drawn before step 2's
-    update. Resuming from it in a new job with fresh actors repeats step 3 exactly."""
+    """PPO with every role on Ray actors (policy, critic, reference, reward model, two rollout
+    engines sharing each step's prompts) and asynchronous rollouts: step 2's checkpoint carries
+    step 3's samples, drawn before step 2's update. Resuming from it in a new job with fresh
+    actors repeats step 3 exactly."""
     group = "{num_workers: 1, cpus: 0.3}"
     overrides = ["trainer.max_steps=3", "online.prompts_per_step=4", "online.async_rollout=true",
                  "checkpoint.every=2", "checkpoint.keep_last=3", "trainer.lr=1e-3",
                  f"online.reward_model={{path: {reward_model_folder(tiny_path, tmp_path)}, weight: 0.5}}",
-                 *[f"resources.{role}={group}" for role in ("policy", "critic", "reference", "reward", "rollout")]]
+                 *[f"resources.{role}={group}" for role in ("policy", "critic", "reference", "reward")],
+                 "resources.rollout={num_workers: 2, cpus: 0.2}"]
     config = str(ROOT / "configs" / "demo_ppo.yaml")
     assert run_job(config, overrides + [f"checkpoint.dir={tmp_path / 'ck'}"], run_dir=str(tmp_path / "full")) == 0
     resume = [f"checkpoint.resume={tmp_path / 'ck' / 'step-000002'}", f"checkpoint.dir={tmp_path / 'ck-resumed'}"]
