@@ -192,14 +192,14 @@ class PipelineBudgetError(RuntimeError):
 
 
 def pipeline_budget(spec: JobSpec, roles: tuple[str, ...], cluster_cpus: float | None = None) -> PipelineResources:
-    """CPUs for the Ray Data encode stage, budgeted against the groups' reservations.
+    """CPUs for the Ray Data stages, budgeted against the groups' reservations.
 
     Ray Data tasks run outside placement groups: when the groups in `roles` reserve every
-    CPU, encode tasks are accepted but never scheduled and the job hangs without a word.
-    So before any group starts: free = cluster CPUs - sum(num_workers * cpus) over the
-    roles; the stage gets min(data.pipeline_cpus, free), at most 1 CPU per task, or the
-    job stops here naming the numbers and the fix. Roles run in-process (num_workers 0)
-    reserve nothing."""
+    CPU, data tasks are accepted but never scheduled and the job hangs without a word.
+    So before anything starts: free = cluster CPUs - sum(num_workers * cpus) over the
+    roles must hold one whole CPU (Ray Data's sort and read tasks take one each), else the
+    job stops here naming the numbers and the fix. The encode stage then runs at most
+    min(data.pipeline_cpus, free) tasks at once. Roles in-process (num_workers 0) reserve nothing."""
     if cluster_cpus is None:
         import ray
 
@@ -207,19 +207,15 @@ def pipeline_budget(spec: JobSpec, roles: tuple[str, ...], cluster_cpus: float |
     reserved = {role: getattr(spec.resources, role).num_workers * getattr(spec.resources, role).cpus
                 for role in roles if getattr(spec.resources, role).num_workers}
     free = cluster_cpus - sum(reserved.values())
-    wanted = spec.data.pipeline_cpus
-    task_cpus = min(1.0, wanted)
-    if free + 1e-9 < task_cpus:
+    if free + 1e-9 < 1.0:
         held = ", ".join(f"{role} {getattr(spec.resources, role).num_workers} x "
                          f"{getattr(spec.resources, role).cpus:g}" for role in reserved)
         raise PipelineBudgetError(
             f"the actor groups reserve {sum(reserved.values()):g} of the cluster's {cluster_cpus:g} CPUs ({held}), "
-            f"leaving {max(free, 0):g} for the data pipeline, which needs {task_cpus:g} "
-            f"(data.pipeline_cpus={wanted:g}); Ray Data tasks run outside placement groups, so the job would "
-            "wait forever. Lower resources.<role>.cpus (fractions work, e.g. 0.5), lower data.pipeline_cpus, "
-            "or add CPUs to the cluster")
-    budget = min(wanted, free)
-    return PipelineResources(task_cpus=task_cpus, concurrency=max(1, int(budget // task_cpus + 1e-9)))
+            f"leaving {max(free, 0):g} for the data pipeline, which needs 1 (Ray Data tasks take a whole CPU "
+            "and run outside placement groups, so the job would wait forever). Lower resources.<role>.cpus "
+            "(fractions work, e.g. 0.5) or add CPUs to the cluster")
+    return PipelineResources(task_cpus=1.0, concurrency=max(1, int(min(spec.data.pipeline_cpus, free) + 1e-9)))
 
 
 def colocation_reserve(spec: JobSpec, roles: tuple[str, ...]) -> dict[str, float]:

@@ -48,10 +48,10 @@ class DataSpec(Section):
     max_pixels: int = Field(40_000_000, gt=0)
     on_bad_record: Literal["raise", "skip"] = "raise"
     format_options: dict[str, Any] = {}
-    # CPUs the Ray Data encode stage may use at once (fractions allowed). Ray Data tasks run
-    # outside the actor groups' placement groups, so these must be left free by them:
-    # checked against the cluster before any group starts (jobs.common.pipeline_budget).
-    pipeline_cpus: float = Field(1.0, gt=0)
+    # Encode tasks the Ray Data pipeline may run at once (one CPU each). Ray Data tasks run
+    # outside the actor groups' placement groups, so at least one CPU must be left free by
+    # them: checked against the cluster before anything starts (jobs.common.pipeline_budget).
+    pipeline_cpus: int = Field(1, ge=1)
 
     @field_validator("train", "eval", mode="before")
     @classmethod

@@ -72,7 +72,8 @@ def test_dpo_variants_run_end_to_end(ray_cluster, tmp_path, capfd):
     losses = train_losses(run_dir)
     assert sorted(losses) == [1, 2] and all(math.isfinite(v) for v in losses.values())
     assert all("train/image_loss" in row for row in read_metrics(run_dir) if "train/loss" in row)
-    assert "reference log-probs precomputed for" in capfd.readouterr().out
+    assert "reference log-probs precomputed in" in capfd.readouterr().out
+    assert (tmp_path / "ck" / "reference_logps" / "_COMPLETE").is_file()  # next to the checkpoints
 
 
 def test_resume_after_a_kill_continues_exactly(ray_cluster, tmp_path):
@@ -129,12 +130,12 @@ def test_pipeline_budget_is_what_the_groups_leave_free():
     assert (budget(4).task_cpus, budget(4).concurrency) == (1.0, 1)
     assert budget(4, "data.pipeline_cpus=3").concurrency == 3
     assert budget(4, "data.pipeline_cpus=8").concurrency == 3  # never more than is free
-    fractional = budget(2, "resources.policy.cpus=0.75", "resources.reference={num_workers: 1, cpus: 0.75}",
-                        "data.pipeline_cpus=0.5")
-    assert (fractional.task_cpus, fractional.concurrency) == (0.5, 1)
+    assert budget(2, "resources.policy.cpus=0.5", "resources.reference={num_workers: 1, cpus: 0.5}").concurrency == 1
     with pytest.raises(PipelineBudgetError, match=r"reserve 2 of the cluster's 2 CPUs \(policy 1 x 1, reference "
                                                   r"1 x 1\), leaving 0 for the data pipeline, which needs 1"):
         budget(2, "resources.reference={num_workers: 1, cpus: 1}")
+    with pytest.raises(PipelineBudgetError, match="leaving 0.5 for the data pipeline"):
+        budget(2, "resources.policy.cpus=0.75", "resources.reference={num_workers: 1, cpus: 0.75}")
 
 
 class Alarm:
@@ -159,10 +160,11 @@ class Alarm:
         signal.signal(signal.SIGALRM, self.previous)
 
 
-def test_groups_that_take_every_cpu_stop_before_training_and_a_fractional_budget_runs(ray_cluster, tmp_path,
-                                                                                        capsys):
+def test_groups_that_take_every_cpu_stop_before_training_and_fractional_groups_run(ray_cluster, tmp_path,
+                                                                                      capsys):
     """On the 2-CPU test cluster: policy and reference at 1 CPU each used to hang in Ray Data
-    forever; now the job refuses at once. With 0.75 + 0.75 and a 0.5-CPU pipeline it trains."""
+    forever; now the job refuses at once. At 0.5 + 0.5 the pipeline has its CPU and it trains
+    (the reference as a pipeline stage: an actor pool beside the encode tasks)."""
     import ray
 
     spec = str(ROOT / "configs" / "demo_dpo.yaml")
@@ -173,8 +175,7 @@ def test_groups_that_take_every_cpu_stop_before_training_and_a_fractional_budget
     assert "reserve 2 of the cluster's 2 CPUs (policy 1 x 1, reference 1 x 1)" in capsys.readouterr().err
     assert ray.available_resources().get("CPU") == 2  # refused before any group was placed
     with Alarm(300):
-        code = run_job(spec, common + ["resources.policy.cpus=0.75", "data.pipeline_cpus=0.5",
-                                       "resources.reference={num_workers: 1, cpus: 0.75}"],
+        code = run_job(spec, common + ["resources.policy.cpus=0.5", "resources.reference={num_workers: 1, cpus: 0.5}"],
                        run_dir=str(tmp_path / "b"))
     assert code == 0
     assert sorted(train_losses(tmp_path / "b")) == [1, 2]

@@ -61,7 +61,7 @@ def test_every_trainable_parameter_moves_and_frozen_ones_do_not(pairs):
     path, adapter, items = pairs
     model, algorithm, trainer, total = specs(path, name="sft")
     policy = PolicyWorker(model, algorithm, trainer, total)
-    sft_items = [EncodedItem(i.position, i.id, i.record, i.encoded.chosen) for i in items]
+    sft_items = [EncodedItem(i.key, i.id, i.record, i.encoded.chosen) for i in items]
     before, frozen = policy.trainable_state(), policy.frozen_state()
     assert frozen and all("vision_tower" in name for name in frozen)
     step(policy, adapter, sft_items, 8)
@@ -88,7 +88,7 @@ def test_lora_moves_adapters_only(pairs):
 def test_batch_8_accum_1_equals_batch_4_accum_2(pairs, name):
     path, adapter, items = pairs
     if name == "sft":
-        items = [EncodedItem(i.position, i.id, i.record, i.encoded.chosen) for i in items]
+        items = [EncodedItem(i.key, i.id, i.record, i.encoded.chosen) for i in items]
     results = []
     for micro in (8, 4, 2):
         model, algorithm, trainer, total = specs(path, name=name)

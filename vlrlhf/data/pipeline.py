@@ -225,7 +225,10 @@ def skip_or_raise(sink: BadRows | None, rows: list[tuple[str, str, str, str]]) -
     (sink or BadRows()).handle(rows)
 
 
-def convert_units(batch: dict, source: RecordSource) -> dict:
+BLOCK_ROWS = 64  # records per block out of the read stage (and so per sorted block)
+
+
+def convert_units(batch: dict, source: RecordSource):
     """Ray Data map: read each unit, convert its rows to records (ids 'file:row'), keep this split."""
     from vlrlhf.data.formats import FormatContext, RecordError, get_converter
     from vlrlhf.data.sources import read_unit
@@ -265,7 +268,11 @@ def convert_units(batch: dict, source: RecordSource) -> dict:
             partner = getattr(records[(position + 1) % len(records)], "completion", None)
             ids.append(record.id)
             blobs.append(pickle.dumps((record, partner)))
-    return {"id": np.array(ids, dtype=object), "record": np.array(blobs, dtype=object)}
+            if len(ids) == BLOCK_ROWS:  # several blocks per file: the stages after the sort run in parallel
+                yield {"id": np.array(ids, dtype=object), "record": np.array(blobs, dtype=object)}
+                ids, blobs = [], []
+    if ids:
+        yield {"id": np.array(ids, dtype=object), "record": np.array(blobs, dtype=object)}
 
 
 def record_dataset(source: RecordSource):
