@@ -38,7 +38,7 @@ def device() -> torch.device:
 
 def load_options(model: ModelSpec) -> LoadOptions:
     return LoadOptions(dtype=model.dtype, attn_implementation=model.attention,
-                       trust_remote_code=model.trust_remote_code)
+                       trust_remote_code=model.trust_remote_code, processor=tuple(sorted(model.processor.items())))
 
 
 def mixed_precision(model: ModelSpec, trainer: TrainerSpec) -> torch.dtype | None:

@@ -54,7 +54,8 @@ def prepare_data(spec: JobSpec, run_dir: pathlib.Path) -> JobData:
     settings = EncodeSettings(model_path=spec.model.path, task=TASK_OF[spec.algorithm.name],
                               adapter=spec.model.adapter, max_length=data.max_length, image_root=data.image_root,
                               max_pixels=data.max_pixels, ddpo_gamma=spec.algorithm.ddpo_gamma,
-                              corrupt_keep=spec.algorithm.mdpo.keep if spec.algorithm.mdpo else None)
+                              corrupt_keep=spec.algorithm.mdpo.keep if spec.algorithm.mdpo else None,
+                              processor=tuple(sorted(spec.model.processor.items())))
     train_records = record_dataset(train)
     held_out_records = record_dataset(held_out) if held_out is not None else None
     num_train = raising_bad_records(train_records.count)

@@ -36,6 +36,11 @@ class ModelSpec(Section):
     freeze_vision: bool = True
     gradient_checkpointing: bool = False
     lora: LoraSpec | None = None
+    # the processor's from_pretrained options: image resolution per family, e.g. Qwen2/2.5-VL
+    # {min_pixels: 200704, max_pixels: 1003520} (resize into the range; transformers >= 5.23
+    # spells it size: {shortest_edge: .., longest_edge: ..}), LLaVA-NeXT
+    # {image_grid_pinpoints: [[336, 672], ...]} (the tiling grid)
+    processor: dict[str, Any] = {}
 
 
 class DataSpec(Section):

@@ -88,3 +88,24 @@ def test_building_twice_with_one_seed_is_deterministic(tmp_path):
     assert first.keys() == second.keys() and all(torch.equal(first[k], second[k]) for k in first)
     with pytest.raises(ValueError, match="family='gpt5' is not one of"):
         build_tiny_model("gpt5", tmp_path / "c")
+
+
+def test_processor_options_set_the_image_resolution(tiny_path):
+    """model.processor reaches the processor: Qwen2-VL's max_pixels resizes (not rejects) a
+    56x56 image to 28x28, four times fewer image tokens (one token per 2x2 patches of 14)."""
+    from PIL import Image
+
+    from vlrlhf.models.base import LoadOptions
+    from vlrlhf.models.registry import load_adapter
+
+    image = Image.new("RGB", (56, 56), "red")
+    conversation = [{"role": "user", "content": "<image>\nWhat colour?"}, {"role": "assistant", "content": "red"}]
+
+    def image_tokens(options):
+        adapter = load_adapter(tiny_path("qwen2_vl"), options=options)
+        encoded = adapter.encode(conversation, [image])
+        pad = adapter.tokenizer.convert_tokens_to_ids("<|image_pad|>")
+        return encoded.input_ids.count(pad)
+
+    assert image_tokens(LoadOptions()) == 4  # (56 / 14)^2 patches, merged 2x2
+    assert image_tokens(LoadOptions(processor=(("max_pixels", 28 * 28),))) == 1

@@ -49,6 +49,7 @@ class EncodeSettings:
     max_pixels: int = DEFAULT_MAX_PIXELS
     ddpo_gamma: float | None = None  # DDPO: weight of corrected answer tokens (RLHF-V: 5)
     corrupt_keep: tuple[float, float] | None = None  # mDPO: area kept by the corrupting crop
+    processor: tuple[tuple[str, object], ...] = ()  # model.processor options (image resolution)
 
 
 @dataclasses.dataclass
@@ -155,11 +156,13 @@ _ADAPTERS: dict = {}
 def cached_adapter(settings: EncodeSettings):
     """One adapter per worker process and checkpoint: Ray reuses warm workers, so the
     processor is loaded once, not per batch."""
-    key = (settings.model_path, settings.adapter)
+    key = (settings.model_path, settings.adapter, repr(settings.processor))
     if key not in _ADAPTERS:
+        from vlrlhf.models.base import LoadOptions
         from vlrlhf.models.registry import load_adapter
 
-        _ADAPTERS[key] = load_adapter(settings.model_path, adapter=settings.adapter)
+        _ADAPTERS[key] = load_adapter(settings.model_path, adapter=settings.adapter,
+                                      options=LoadOptions(processor=settings.processor))
     return _ADAPTERS[key]
 
 

@@ -41,6 +41,9 @@ class LoadOptions:
     dtype: str = "float32"  # float32 | bfloat16 | float16
     attn_implementation: str = "sdpa"  # sdpa | eager | flash_attention_2
     trust_remote_code: bool = False
+    # keyword arguments for the processor's from_pretrained: image resolution per family,
+    # e.g. Qwen2/2.5-VL {"min_pixels": .., "max_pixels": ..} (images are resized into that range)
+    processor: tuple[tuple[str, object], ...] = ()
 
 
 def split_placeholders(text: str) -> list[dict[str, str]]:
@@ -110,7 +113,8 @@ class Adapter:
     def load_processor(cls, path, options: LoadOptions):
         from transformers import AutoProcessor
 
-        return AutoProcessor.from_pretrained(path, trust_remote_code=options.trust_remote_code)
+        return AutoProcessor.from_pretrained(path, trust_remote_code=options.trust_remote_code,
+                                             **dict(options.processor))
 
     def load_model(self, options: LoadOptions | None = None):
         from transformers import AutoModelForImageTextToText

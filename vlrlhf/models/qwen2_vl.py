@@ -33,13 +33,15 @@ class Qwen2VLAdapter(Adapter):
         from transformers import AutoImageProcessor, AutoProcessor, AutoTokenizer
 
         try:
-            return AutoProcessor.from_pretrained(path, trust_remote_code=options.trust_remote_code)
+            return AutoProcessor.from_pretrained(path, trust_remote_code=options.trust_remote_code,
+                                                 **dict(options.processor))
         except (ImportError, TypeError, ValueError, OSError) as error:
             if "video" not in str(error).lower() and "torchvision" not in str(error).lower():
                 raise
         # The video processor cannot be built here: fall back to images only.
         tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=options.trust_remote_code)
-        image_processor = AutoImageProcessor.from_pretrained(path, trust_remote_code=options.trust_remote_code)
+        image_processor = AutoImageProcessor.from_pretrained(path, trust_remote_code=options.trust_remote_code,
+                                                             **dict(options.processor))
         return ImageOnlyQwen2VLProcessor(image_processor=image_processor, tokenizer=tokenizer,
                                          chat_template=getattr(tokenizer, "chat_template", None))
 
