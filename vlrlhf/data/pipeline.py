@@ -113,13 +113,20 @@ def encode_record(adapter, record, settings: EncodeSettings, partner: str | None
     if settings.task == "sft":
         return adapter.encode(dump, images, **kwargs)
     if settings.task == "preference":
-        return encode_pair(adapter, record, dump, images, settings, kwargs)
+        with adapter.images_once():  # chosen and rejected share the preprocessed images
+            return encode_pair(adapter, record, dump, images, settings, kwargs)
     if settings.task == "kto":
-        completion = adapter.encode(dump + [{"role": "assistant", "content": record.completion}], images, **kwargs)
-        mismatched = adapter.encode(dump + [{"role": "assistant", "content": partner or record.completion}], images,
-                                    **kwargs)
-        return EncodedKTO(completion, mismatched, record.desirable)
+        with adapter.images_once():
+            return encode_kto(adapter, record, dump, images, partner, kwargs)
     return adapter.encode_prompt(dump, images, **kwargs)
+
+
+def encode_kto(adapter, record, dump, images, partner, kwargs) -> EncodedKTO:
+    """The completion and its mismatched twin (this prompt, another record's completion)."""
+    completion = adapter.encode(dump + [{"role": "assistant", "content": record.completion}], images, **kwargs)
+    mismatched = adapter.encode(dump + [{"role": "assistant", "content": partner or record.completion}], images,
+                                **kwargs)
+    return EncodedKTO(completion, mismatched, record.desirable)
 
 
 def encode_pair(adapter, record, dump, images, settings: EncodeSettings, kwargs) -> EncodedPair:

@@ -15,6 +15,7 @@ and through_i the rendering up to and including it; token prefixes are verified.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import pathlib
 from typing import Any, ClassVar
@@ -132,6 +133,21 @@ class Adapter:
         return self.processor.apply_chat_template(
             structured, tokenize=False, add_generation_prompt=add_generation_prompt)
 
+    @contextlib.contextmanager
+    def images_once(self):
+        """Inside the block the image processor runs once per list of images: the prefix
+        tokenizations of `encode` and a pair's chosen and rejected answers reuse its output,
+        so their pixel tensors are the same objects (a pickled pair carries one copy)."""
+        inner = getattr(self.processor, "image_processor", None)
+        if inner is None or isinstance(inner, _ImagesOnce):
+            yield
+            return
+        self.processor.image_processor = _ImagesOnce(inner)
+        try:
+            yield
+        finally:
+            self.processor.image_processor = inner
+
     def tokenize(self, text: str, images: list) -> dict[str, Any]:
         """Processor call on one text: {'input_ids': list[int], per-token arrays, extras}."""
         bos = self.tokenizer.bos_token
@@ -176,15 +192,16 @@ class Adapter:
         self.validate(messages, images, record)
         if not messages or messages[-1]["role"] != "assistant":
             raise EncodeError("no_answer", f"{record}: the last message must be an assistant turn")
-        full = self.tokenize(self.render(messages, False), images)
-        ids = full["input_ids"]
-        spans = []
-        for index, message in enumerate(messages):
-            if message["role"] != "assistant":
-                continue
-            start = self._prefix_length(messages[:index], True, images, ids, record)
-            end = self._prefix_length(messages[: index + 1], False, images, ids, record)
-            spans.append((start, end))
+        with self.images_once():
+            full = self.tokenize(self.render(messages, False), images)
+            ids = full["input_ids"]
+            spans = []
+            for index, message in enumerate(messages):
+                if message["role"] != "assistant":
+                    continue
+                start = self._prefix_length(messages[:index], True, images, ids, record)
+                end = self._prefix_length(messages[: index + 1], False, images, ids, record)
+                spans.append((start, end))
         example = self._make_example(full, spans)
         self.check_length(example, max_length, record)
         return example
@@ -393,3 +410,24 @@ class Adapter:
                 tokens.append(token)
             results.append(tokens)
         return results
+
+
+class _ImagesOnce:
+    """An image processor that remembers its last outputs by the identity of the images."""
+
+    def __init__(self, inner):
+        self.inner = inner
+        self.outputs: dict = {}
+
+    def __call__(self, images, *args, **kwargs):
+        def identities(value):
+            return tuple(identities(v) for v in value) if isinstance(value, (list, tuple)) else id(value)
+
+        key = (identities(images), repr(args), repr(sorted(kwargs.items(), key=lambda item: item[0])))
+        if key not in self.outputs:
+            self.outputs[key] = (images, self.inner(images, *args, **kwargs))  # images kept: ids stay unique
+        output = self.outputs[key][1]
+        return type(output)(dict(output)) if hasattr(output, "keys") else output  # callers may pop keys
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
