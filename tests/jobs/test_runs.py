@@ -179,3 +179,37 @@ def test_groups_that_take_every_cpu_stop_before_training_and_fractional_groups_r
                        run_dir=str(tmp_path / "b"))
     assert code == 0
     assert sorted(train_losses(tmp_path / "b")) == [1, 2]
+
+
+def test_shards_and_saved_datasets_train_while_the_driver_never_touches_a_row(ray_cluster, tmp_path, monkeypatch):
+    """A folder of Parquet shards and a save_to_disk dataset train end to end with the policy on
+    a Ray worker, while the driver process cannot read a row or collate a batch: rows are
+    fetched and collated by the worker, which these patches do not reach."""
+    import datasets
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    import vlrlhf.data.pipeline
+    import vlrlhf.data.shares
+
+    rows = json.loads((ROOT / "data" / "shapes" / "preference.json").read_text())[:48]
+    shards = tmp_path / "shards"
+    shards.mkdir()
+    for index in range(3):
+        pq.write_table(pa.Table.from_pylist(rows[index * 16:(index + 1) * 16]), shards / f"train-{index:05d}.parquet")
+    saved = tmp_path / "saved"
+    datasets.Dataset.from_list(rows).save_to_disk(str(saved))
+
+    def forbidden(*args, **kwargs):
+        raise AssertionError("the driver touched training rows")
+
+    monkeypatch.setattr(vlrlhf.data.shares, "load_rows", forbidden)
+    monkeypatch.setattr(vlrlhf.data.pipeline, "collate_items", forbidden)
+    for name, source in (("shards", shards), ("saved", saved)):
+        run_dir = tmp_path / name
+        code = run_job(str(ROOT / "configs" / "demo_dpo.yaml"), [
+            f"data.train={source}", "data.eval=[]", f"data.image_root={ROOT / 'data' / 'shapes'}",
+            "trainer.max_steps=2", f"checkpoint.dir={run_dir / 'ck'}", "resources.policy.cpus=0.5"],
+            run_dir=str(run_dir))
+        assert code == 0
+        assert sorted(train_losses(run_dir)) == [1, 2]
