@@ -10,7 +10,8 @@ single-process loop (the peer) measured in the same run; pairs/s of each.
 `driver`: a tiny-LLaVA DPO run (`vlrlhf run configs/demo_dpo.yaml`, policy on a Ray
 worker) on N synthetic pairs for each N in --sizes, each in a fresh process: the
 driver's peak RSS, the peak RSS of the whole process tree (driver, Ray's own processes,
-workers), and the driver's share of the tree's CPU time while training.
+workers), and the driver's share of the tree's CPU time from the first logged step to
+the end (training, the final evaluation and the checkpoint).
 """
 
 from __future__ import annotations
@@ -114,16 +115,19 @@ def measure_run(pairs: int, steps: int) -> dict:
     me = psutil.Process()
     peaks = {"driver": 0, "tree": 0}
     done = threading.Event()
+    metrics = folder / "run" / "metrics.jsonl"
+    training = {}  # CPU times when the first step is logged: the share counts training only
 
     def sample():
         while not done.is_set():
             peaks["driver"] = max(peaks["driver"], me.memory_info().rss)
             peaks["tree"] = max(peaks["tree"], tree_rss(me))
+            if not training and metrics.exists() and metrics.stat().st_size:
+                training["cpu"] = tree_cpu(me)
             time.sleep(0.2)
 
     sampler = threading.Thread(target=sample, daemon=True)
     sampler.start()
-    started_cpu = tree_cpu(me)
     started = time.perf_counter()
     code = run_job(str(ROOT / "configs" / "demo_dpo.yaml"), [
         f"data.train={folder / 'data' / 'preference.json'}", "data.eval=[]", f"data.image_root={folder / 'data'}",
@@ -133,6 +137,7 @@ def measure_run(pairs: int, steps: int) -> dict:
     ended_cpu = tree_cpu(me)
     done.set()
     sampler.join()
+    started_cpu = training.get("cpu", (0.0, 0.0))
     driver_cpu, tree_total = ended_cpu[0] - started_cpu[0], ended_cpu[1] - started_cpu[1]
     return {"pairs": pairs, "code": code, "wall_s": wall, "driver_peak_mb": peaks["driver"] / 2**20,
             "tree_peak_mb": peaks["tree"] / 2**20, "driver_cpu_share": driver_cpu / max(tree_total, 1e-9)}

@@ -13,7 +13,7 @@ from __future__ import annotations
 import collections
 import pathlib
 
-from vlrlhf.data.reader import BadRecords
+from vlrlhf.data.bad import BadRecords
 
 
 class Ledger:

@@ -28,7 +28,7 @@ from collections.abc import Iterator
 import numpy as np
 
 from vlrlhf.data.images import DEFAULT_MAX_PIXELS, ImageError, load_image
-from vlrlhf.data.reader import BadRecordError
+from vlrlhf.data.bad import BadRecordError
 from vlrlhf.data.records import Conversation, KTOExample, PreferencePair, PromptRecord
 from vlrlhf.models.base import EncodeError
 from vlrlhf.models.batch import EncodedExample, ModelBatch
