@@ -240,7 +240,8 @@ BLOCK_ROWS = 64  # records per block out of the read stage (and so per sorted bl
 
 def convert_units(batch: dict, source: RecordSource):
     """Ray Data map: read each unit, convert its rows to records (ids 'file:row'), keep this split."""
-    from vlrlhf.data.formats import FormatContext, RecordError, get_converter
+    from vlrlhf.data.formats import FormatContext, get_converter
+    from vlrlhf.data.reader import convert_rows
     from vlrlhf.data.sources import read_unit
 
     converter = get_converter(source.data_format)
@@ -248,25 +249,11 @@ def convert_units(batch: dict, source: RecordSource):
     for blob in batch["unit"]:
         unit = pickle.loads(blob)
         context = FormatContext(options=dict(source.options))
-        records, bad = [], []
         try:
-            rows = list(read_unit(unit))
+            records, failed = convert_rows(list(read_unit(unit)), unit.path, unit.name, converter, context)
         except FileNotFoundError:
             raise ValueError(f"data file {unit.path} does not exist") from None
-        for number, row in rows:
-            where = f"{unit.path}:row {number}"
-            try:
-                if isinstance(row, RecordError):
-                    raise row
-                if not isinstance(row, dict):
-                    raise RecordError("wrong_type", f"a row must be an object, got {type(row).__name__}")
-                converted = converter(row, context)
-            except RecordError as error:
-                bad.append((where, error.reason, str(error), "read"))
-                continue
-            for index, record in enumerate(converted):
-                record.id = f"{unit.name}:{number}" + (f":{index}" if len(converted) > 1 else "")
-                records.append(record)
+        bad = [(where, reason, message, "read") for where, reason, message in failed]
         skip_or_raise(source.sink, bad)
         if source.sink is not None:
             source.sink.rule_drops(f"{unit.path}#{unit.part}", dict(context.dropped))

@@ -16,32 +16,43 @@ from vlrlhf.data.formats import FormatContext, RecordError, get_converter, read_
 
 
 
+def convert_rows(rows, path: str, name: str, converter, context: FormatContext):
+    """(records with ids 'name:row' (':k' for the k-th of a row), bad rows as (where, reason,
+    message)) of one file's (number, row) pairs: what read_records and the pipeline's read
+    tasks share."""
+    records, bad = [], []
+    for number, row in rows:
+        try:
+            if isinstance(row, RecordError):
+                raise row
+            if not isinstance(row, dict):
+                raise RecordError("wrong_type", f"a row must be an object, got {type(row).__name__}")
+            converted = converter(row, context)
+        except RecordError as error:
+            bad.append((f"{path}:row {number}", error.reason, str(error)))
+            continue
+        for index, record in enumerate(converted):
+            record.id = f"{name}:{number}" + (f":{index}" if len(converted) > 1 else "")
+            records.append(record)
+    return records, bad
+
+
 def read_records(paths: list[str] | str, data_format: str, *, options: dict | None = None,
                  bad: BadRecords | None = None) -> list:
-    """Every record of `paths` in file order; ids are 'file:row' (':k' for the k-th record of a row)."""
+    """Every record of `paths` in file order, read in this process (small files: online
+    prompts, held-out metrics, tools); training data goes through vlrlhf.data.pipeline."""
     bad = bad or BadRecords()
     converter = get_converter(data_format)
     out = []
     for path in [paths] if isinstance(paths, str) else paths:
-        name = pathlib.PurePosixPath(str(path)).name
         context = FormatContext(options=dict(options or {}))
         try:
-            rows = read_rows(str(path))
-            for number, row in rows:
-                where = f"{path}:row {number}"
-                try:
-                    if isinstance(row, RecordError):
-                        raise row
-                    if not isinstance(row, dict):
-                        raise RecordError("wrong_type", f"a row must be an object, got {type(row).__name__}")
-                    converted = converter(row, context)
-                except RecordError as error:
-                    bad.handle(where, error.reason, str(error), stage="read")
-                    continue
-                for index, record in enumerate(converted):
-                    record.id = f"{name}:{number}" + (f":{index}" if len(converted) > 1 else "")
-                    out.append(record)
+            records, failed = convert_rows(read_rows(str(path)), path, pathlib.PurePosixPath(str(path)).name,
+                                           converter, context)
         except FileNotFoundError:
             raise ValueError(f"data file {path} does not exist") from None
+        for where, reason, message in failed:
+            bad.handle(where, reason, message, stage="read")
+        out += records
         bad.dropped_by_rule.update(context.dropped)
     return out
