@@ -19,7 +19,6 @@ from vlrlhf.data.pipeline import EncodeSettings, collate_items, encode_record, E
 from vlrlhf.data.reader import read_records
 from vlrlhf.data.shares import precomputed_table
 from vlrlhf.data.synthetic import synthesize
-from vlrlhf.models.registry import load_adapter
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 

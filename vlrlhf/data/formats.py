@@ -23,10 +23,9 @@ from collections.abc import Callable, Iterator
 
 from pydantic import ValidationError
 
-from vlrlhf.data.records import (Conversation, KTOExample, Message, PreferencePair, PromptRecord,
+from vlrlhf.data.records import (IMAGE_PLACEHOLDER, Conversation, KTOExample, Message, PreferencePair, PromptRecord,
                                  record_from_dict, with_placeholders)
 from vlrlhf.errors import ReasonError
-from vlrlhf.models.base import IMAGE_PLACEHOLDER
 
 ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system",
          "bot": "assistant", "model": "assistant"}

@@ -24,14 +24,17 @@ import dataclasses
 import hashlib
 import pickle
 from collections.abc import Iterator
+from typing import TYPE_CHECKING
 
 import numpy as np
 
-from vlrlhf.data.images import DEFAULT_MAX_PIXELS, ImageError, load_image
+from vlrlhf.data.images import DEFAULT_MAX_PIXELS, load_image
 from vlrlhf.data.bad import BadRecordError
 from vlrlhf.data.records import Conversation, KTOExample, PreferencePair, PromptRecord
-from vlrlhf.models.base import EncodeError
-from vlrlhf.models.batch import EncodedExample, ModelBatch
+from vlrlhf.errors import ReasonError
+
+if TYPE_CHECKING:  # torch stays out of the read and sort tasks' processes
+    from vlrlhf.models.batch import EncodedExample, ModelBatch
 
 TASKS = ("sft", "preference", "kto", "prompt")
 RECORD_FOR_TASK = {"sft": Conversation, "preference": PreferencePair, "kto": KTOExample, "prompt": PromptRecord}
@@ -102,6 +105,8 @@ class EncodedItem:
 def encode_record(adapter, record, settings: EncodeSettings, partner: str | None = None):
     """Load the record's images and encode it for its task. Raises ImageError / EncodeError.
     `partner`: for KTO, the completion of another record (the mismatched pair)."""
+    from vlrlhf.models.base import EncodeError  # models (torch) only where records are encoded
+
     expected = RECORD_FOR_TASK[settings.task]
     if not isinstance(record, expected):
         raise EncodeError("wrong_record_type", f"task {settings.task!r} takes {expected.__name__} records, "
@@ -147,6 +152,8 @@ def encode_pair(adapter, record, dump, images, settings: EncodeSettings, kwargs)
     corrupted = None
     if settings.corrupt_keep is not None:
         if not images:
+            from vlrlhf.models.base import EncodeError
+
             raise EncodeError("no_image", f"{record.id}: mDPO needs an image to corrupt")
         from vlrlhf.data.corrupt import corrupt_image
 
@@ -309,6 +316,8 @@ class PipelineResources:
 def encode_rows(batch: dict, settings: EncodeSettings, sink: BadRows | None) -> dict:
     """Ray Data map: records -> pickled EncodedItems (id, key, payload, weight). Rows that fail
     go to the ledger (or raise) and are dropped here."""
+    from vlrlhf.models.batch import EncodedExample
+
     adapter = cached_adapter(settings)
     keys = batch["key"] if "key" in batch else np.zeros(len(batch["id"]), dtype=np.int64)
     out = {"id": [], "key": [], "payload": [], "weight": []}
@@ -317,7 +326,7 @@ def encode_rows(batch: dict, settings: EncodeSettings, sink: BadRows | None) -> 
         record, partner = pickle.loads(blob)
         try:
             encoded = encode_record(adapter, record, settings, partner)
-        except (ImageError, EncodeError) as error:
+        except ReasonError as error:  # ImageError, EncodeError: a bad record with its reason
             bad.append((record.id, error.reason, str(error), "encode"))
             continue
         out["id"].append(record.id)

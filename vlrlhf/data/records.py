@@ -13,7 +13,7 @@ from typing import Any, Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from vlrlhf.models.base import IMAGE_PLACEHOLDER
+IMAGE_PLACEHOLDER = "<image>"  # one per image, in the text where the image goes
 
 ImageSource = Union[str, bytes]
 

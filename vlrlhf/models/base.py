@@ -22,12 +22,12 @@ from typing import Any, ClassVar
 
 import torch
 
+from vlrlhf.data.records import IMAGE_PLACEHOLDER  # noqa: F401 - defined with the records, light to import
 from vlrlhf.errors import ReasonError
 from vlrlhf.models.batch import EncodedExample, ModelBatch, collate_examples
 from vlrlhf.models.logprobs import chunked_token_logprobs
 from vlrlhf.models.pairs import PairStates, additive_mask, identity_index, pack_pairs
 
-IMAGE_PLACEHOLDER = "<image>"
 IGNORE_INDEX = -100
 
 
