@@ -63,7 +63,7 @@ ONLINE_STATE = "online_state.pt"  # the driver's part of a checkpoint
 GAUGES = {  # Ray metrics of the step (the dashboard's Metrics page; Prometheus as ray_<name>)
     "train/reward": ("vlrlhf_reward", "mean sampled reward of the step"),
     "train/reference_kl": ("vlrlhf_kl", "KL(behaviour || reference) per completion token (k1 on the samples)"),
-    "time/step_s": ("vlrlhf_step_time_s", "seconds per step"),
+    "time/step_s": ("vlrlhf_step_time_s", "seconds per step (wall time from the end of the previous one)"),
     "rollout/tokens_per_s": ("vlrlhf_rollout_tokens_per_s", "sampled tokens per second of rollout"),
 }
 
@@ -211,6 +211,7 @@ class OnlineJob:
         progress = tqdm(total=self.total_steps, initial=self.step, desc=self.spec.name, unit="step",
                         dynamic_ncols=True)
         last, pending = {}, self.restored
+        self.clock = time.perf_counter()  # the end of the previous step
         if pending is None and self.step < self.total_steps:
             pending = self.submit(self.next_prompts())
         while self.step < self.total_steps:
@@ -278,7 +279,6 @@ class OnlineJob:
 
     # ------------------------------------------------------------------ one step
     def train_step(self, records, requests, samples, timings, progress) -> dict:
-        started = time.perf_counter() - timings["rollout_wait_s"]
         prompts = [self.adapter.encode_prompt(r["messages"], r["images"]) for r in requests]
         rows = [Row(rl_example(prompts[s.request], s.token_ids), s.request, s.logprobs,
                     truncated=s.finish_reason == "length") for s in samples]
@@ -319,7 +319,8 @@ class OnlineJob:
             values["train/synced_tensors"] = float(sync["tensors"])
         self.step += 1
         values.update({f"time/{k}": v for k, v in timings.items()})
-        values["time/step_s"] = time.perf_counter() - started
+        values["time/step_s"] = time.perf_counter() - self.clock  # everything: rollout, scoring, update, sync
+        self.clock = time.perf_counter()
         progress.update(1)
         progress.set_postfix({"reward": f"{values['train/reward']:.3f}"})
         if self.step % self.spec.trainer.log_every == 0:
