@@ -61,7 +61,7 @@ def encode(pairs: int) -> None:
     source = RecordSource(tuple(expand_sources(path)), "plain_dpo")
     rates = {}
     for tasks in (1, 2, 1, 2):  # alternating, the second of each counts (warm workers)
-        dataset = encoded_dataset(epoch_dataset(record_dataset(source), 0, 0), settings,
+        dataset = encoded_dataset(epoch_dataset(record_dataset(source), 0, 0, rows=pairs), settings,
                                   resources=PipelineResources(1.0, tasks))
         started = time.perf_counter()
         count = dataset.count()
@@ -124,7 +124,7 @@ def measure_run(pairs: int, steps: int) -> dict:
             peaks["tree"] = max(peaks["tree"], tree_rss(me))
             if not training and metrics.exists() and metrics.stat().st_size:
                 training["cpu"] = tree_cpu(me)
-            time.sleep(0.2)
+            time.sleep(1.0)  # the sampler runs in the driver: keep its own CPU small
 
     sampler = threading.Thread(target=sample, daemon=True)
     sampler.start()

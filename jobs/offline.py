@@ -100,7 +100,8 @@ class OfflineJob:
         progress = tqdm(total=self.total_steps, initial=self.step, desc=spec.name, unit="step", dynamic_ncols=True)
         last = {}
         while self.step < self.total_steps:
-            ordered = epoch_dataset(self.data.train, spec.trainer.seed, self.epoch, self.after_key)
+            ordered = epoch_dataset(self.data.train, spec.trainer.seed, self.epoch, self.after_key,
+                                    rows=self.data.num_train)
             with surfacing_bad_records():
                 blocks = block_rows(self.encoded(ordered).iter_internal_ref_bundles())
                 for slices in step_slices(blocks, batch_size):

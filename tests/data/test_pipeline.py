@@ -178,3 +178,14 @@ def test_wrong_record_type_for_the_task(ray_cluster, shapes, tiny_path):
     settings = EncodeSettings(model_path=str(tiny_path("qwen2_vl")), task="preference", image_root=str(shapes))
     assert encoded_dataset(records, settings, sink=BadRows("skip", ledger)).take_all() == []
     assert ray.get(ledger.counts.remote()) == {"wrong_record_type": 2}
+
+
+def test_the_sort_splits_into_blocks_by_key_range_and_keeps_the_order(ray_cluster, shapes, monkeypatch):
+    import vlrlhf.data.pipeline as pipeline
+
+    monkeypatch.setattr(pipeline, "BLOCK_ROWS", 4)  # 24 records -> 6 key ranges
+    dataset = records_of(str(shapes / "preference.json"), "plain_dpo")
+    whole = [row["id"] for row in epoch_dataset(dataset, 5, 0).take_all()]
+    split = epoch_dataset(dataset, 5, 0, rows=24).materialize()
+    assert [row["id"] for row in split.take_all()] == whole  # the same order
+    assert split.num_blocks() >= 4  # in pieces the next stages can take in parallel

@@ -295,12 +295,17 @@ def add_order_key(batch: dict, seed: int, epoch: int) -> dict:
     return batch
 
 
-def epoch_dataset(records, seed: int, epoch: int, after_key: int | None = None):
-    """`records` in epoch `epoch`'s seeded order, from the first key above `after_key`."""
+def epoch_dataset(records, seed: int, epoch: int, after_key: int | None = None, rows: int | None = None):
+    """`records` in epoch `epoch`'s seeded order, from the first key above `after_key`.
+    `rows` (how many records there are) splits the sort into blocks of about BLOCK_ROWS:
+    keys are uniform hashes, so even key ranges make even blocks, and the stages after
+    the sort run in parallel and stream instead of waiting for one block of everything."""
     keyed = records.map_batches(add_order_key, fn_kwargs={"seed": seed, "epoch": epoch}, batch_format="numpy")
     if after_key is not None:
         keyed = keyed.filter(lambda row: row["key"] > after_key)
-    return keyed.sort("key")
+    parts = max(1, min((rows or 0) // BLOCK_ROWS, 1024))
+    boundaries = [(2 ** 63 // parts) * index for index in range(1, parts)] or None
+    return keyed.sort("key", boundaries=boundaries)
 
 
 @dataclasses.dataclass(frozen=True)
