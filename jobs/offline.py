@@ -197,6 +197,8 @@ def reference_stage(spec: JobSpec, dataset, placement_group=None):
         from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
         options["scheduling_strategy"] = PlacementGroupSchedulingStrategy(placement_group, -1)
+    elif group.custom_resources:  # e.g. a node label resource that pins the pool to some nodes
+        options["resources"] = dict(group.custom_resources)
     return dataset.map_batches(
         ReferenceStage, fn_constructor_kwargs={"model": spec.model, "path": spec.reference.path,
                                                "micro_batch_size": spec.trainer.micro_batch_size},
