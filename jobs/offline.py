@@ -117,7 +117,9 @@ class OfflineJob:
         self.tracker.close()
         plot = plot_curves(self.tracker.path, self.run_dir / "curves.png")
         summary = {"steps": self.step, "train": last, "eval": final_eval, "checkpoint": str(checkpoint),
-                   "local_checkpoint": str(self.checkpoints.local_path(self.step)),
+                   # a URI checkpoint comes to this machine only when the benchmarks need it here
+                   "local_checkpoint": str(self.checkpoints.local_path(self.step))
+                   if spec.evaluation is not None or "://" not in spec.checkpoint.dir else None,
                    "curves": str(plot) if plot else None, "bad_records": self.data.summary()}
         print_summary(summary)
         return summary
