@@ -1,6 +1,6 @@
 """GRPO step throughput: `vlrlhf` (jobs.online) against TRL's GRPOTrainer, alternating runs in one invocation.
 
-    .venv/bin/pip install -c requirements/constraints-cpu.txt trl==1.16.0   # not a test dependency
+    .venv/bin/pip install -c requirements/constraints-cpu.txt -r requirements/benchmarks.txt  # TRL, not for tests
     .venv/bin/python benchmarks/grpo_vs_trl.py [--rounds 2] [--steps 6] [--prompts 8] [--group 8] [--tokens 32]
 
 Both sides train the same random LLaVA (built here: CLIP 2 layers hidden 128 at 128 px /
