@@ -341,8 +341,9 @@ class Adapter:
         allowed = self.pair_attention(plan, inputs)
         if allowed is None:
             return None, None
-        dtype = self.output_head(model).weight.dtype
-        inputs["attention_mask"] = allowed[:, None] if attention == "sdpa" else additive_mask(allowed, dtype)
+        # Additive, in the weights' dtype: eager attention adds it, and CPU sdpa runs a float
+        # mask about as fast as its causal kernel (a bool mask ~1.4x slower).
+        inputs["attention_mask"] = additive_mask(allowed, self.output_head(model).weight.dtype)
         return inputs, plan
 
     def rollout_logprobs(self, model, batch: ModelBatch) -> torch.Tensor:
