@@ -30,7 +30,7 @@ from jobs.common import (Tracker, colocation_reserve, pipeline_budget, plot_curv
                          raising_bad_records, surfacing_bad_records)
 from vlrlhf.config import JobSpec
 from vlrlhf.data.pipeline import encoded_dataset, epoch_dataset
-from vlrlhf.data.shares import Share, block_rows, split_slices, step_slices
+from vlrlhf.data.shares import Share, block_rows, split_slices, step_slices, streamed_blocks
 from vlrlhf.training import finish_metrics
 
 NO_REFERENCE = ("sft", "reward")  # reward: Bradley-Terry on the reward model's own scores
@@ -97,13 +97,15 @@ class OfflineJob:
             self.after_key = state.get("after_key")
             print(f"resumed from {resumed}: step {self.step}, epoch {self.epoch}, position {self.position}")
         world, batch_size = self.policy.world_size, spec.trainer.batch_size
+        if self.data.held_out is not None:  # encoded (and scored by a reference stage) before training
+            # starts: its reference actors are released before the training stream's take their place
+            self.eval_dataset = raising_bad_records(self.encoded(self.data.held_out).materialize)
         progress = tqdm(total=self.total_steps, initial=self.step, desc=spec.name, unit="step", dynamic_ncols=True)
         last = {}
         while self.step < self.total_steps:
             ordered = epoch_dataset(self.data.train, spec.trainer.seed, self.epoch, self.after_key,
                                     rows=self.data.num_train)
-            with surfacing_bad_records():
-                blocks = block_rows(self.encoded(ordered).iter_internal_ref_bundles())
+            with surfacing_bad_records(), streamed_blocks(self.encoded(ordered)) as blocks:
                 for slices in step_slices(blocks, batch_size):
                     last = self.train_step([self.share(piece) for piece in split_slices(slices, world)], progress)
                     if self.step >= self.total_steps:

@@ -11,6 +11,7 @@ collates them with its own adapter. The driver sees refs and counts, never a ten
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import pickle
 from collections.abc import Iterator
@@ -38,6 +39,20 @@ def block_rows(bundles) -> Iterator[tuple[object, int, int]]:
             start, stop = (0, entry.metadata.num_rows) if piece is None else (piece.start_offset, piece.end_offset)
             if stop > start:
                 yield entry.ref, start, stop
+
+
+@contextlib.contextmanager
+def streamed_blocks(dataset):
+    """`with streamed_blocks(dataset) as blocks:` block_rows of the dataset as it executes.
+    When the block ends the execution is shut down, its actor pools with it, even when the
+    consumer stopped early (max_steps): an abandoned execution would keep its reference
+    actors and their CPUs (or their place on the policy's bundles) for the job's lifetime."""
+    bundles, _, executor = dataset._execute_to_iterator(capture_executor=False)
+    try:
+        yield block_rows(bundles)
+    finally:
+        if executor is not None:
+            executor.shutdown(force=True)
 
 
 def step_slices(blocks: Iterator[tuple[object, int, int]], size: int, *,
