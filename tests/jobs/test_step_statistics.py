@@ -95,7 +95,8 @@ def test_batch_level_dpo_types_give_batch_8_equal_to_4x2_and_1x8(pairs, loss_typ
         assert policy.bco_baseline.count == 32 and abs(policy.bco_baseline.mean) > 1e-4
         for _, other in runs.values():
             assert other.bco_baseline.count == 32
-            assert other.bco_baseline.mean == pytest.approx(policy.bco_baseline.mean, abs=1e-7)
+            # fp32 log-probs of different micro-batch paddings agree to ~1e-6 (x beta in the rewards)
+            assert other.bco_baseline.mean == pytest.approx(policy.bco_baseline.mean, abs=1e-6)
     assert_same_training([(loss_of(r), p.trainable_state()) for r, p in (runs[m] for m in (2, 1))],
                          loss_of(whole), policy.trainable_state())
 
