@@ -163,17 +163,8 @@ class Adapter:
                 result[name] = out[name][0].tolist()
         for name in self.extra_rules:
             if name in out:
-                result.setdefault("extras", {})[name] = self._shared(name, out[name])
+                result.setdefault("extras", {})[name] = out[name]
         return result
-
-    def _shared(self, name: str, value: torch.Tensor) -> torch.Tensor:
-        """`value`, or the equal tensor the previous call returned: a pair's chosen and
-        rejected rows (same images) then hold ONE pixel tensor, stored and shipped once."""
-        last = getattr(self, "_last_extras", {}).get(name)
-        if last is not None and last.shape == value.shape and last.dtype == value.dtype and torch.equal(last, value):
-            return last
-        self._last_extras = {**getattr(self, "_last_extras", {}), name: value}
-        return value
 
     # ------------------------------------------------------------------ encoding
     def validate(self, messages: list[dict], images: list, record: str) -> None:
