@@ -221,7 +221,22 @@ class ActorGroup:
         if self.placement_group is not None and self.owns_placement:
             with contextlib.suppress(Exception):
                 ray.util.remove_placement_group(self.placement_group)
+                wait_removed(self.placement_group)
         self.actors = []
+
+
+def wait_removed(group, timeout_s: float = 10.0) -> bool:
+    """Wait until the cluster has taken a removed placement group back (removal is
+    asynchronous): a job started right after this one (a retry, the next test) then sees its
+    CPUs free. False when it is still there after timeout_s."""
+    import ray
+
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if ray.util.placement_group_table(group).get("state") == "REMOVED":
+            return True
+        time.sleep(0.05)
+    return False
 
 
 def group_bundle(resources: GroupSpec, reserve: dict | None = None) -> dict[str, float]:

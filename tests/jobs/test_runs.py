@@ -160,6 +160,18 @@ class Alarm:
         signal.signal(signal.SIGALRM, self.previous)
 
 
+def wait_for_idle_cluster(ray, timeout_s: float = 30.0) -> bool:
+    """True once every CPU of the cluster is free (within timeout_s)."""
+    import time
+
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if ray.available_resources().get("CPU") == ray.cluster_resources().get("CPU"):
+            return True
+        time.sleep(0.1)
+    return False
+
+
 def test_groups_that_take_every_cpu_stop_before_training_and_fractional_groups_run(ray_cluster, tmp_path,
                                                                                       capsys):
     """On the 2-CPU test cluster: policy and reference at 1 CPU each used to hang in Ray Data
@@ -169,11 +181,14 @@ def test_groups_that_take_every_cpu_stop_before_training_and_fractional_groups_r
 
     spec = str(ROOT / "configs" / "demo_dpo.yaml")
     common = ["trainer.max_steps=2", "trainer.eval_every=0", "data.eval=[]", f"checkpoint.dir={tmp_path / 'ck'}"]
+    assert wait_for_idle_cluster(ray)  # the previous test's groups are released asynchronously
+    groups_before = set(ray.util.placement_group_table())
     with Alarm(120):
         code = run_job(spec, common + ["resources.reference={num_workers: 1, cpus: 1}"], run_dir=str(tmp_path / "a"))
     assert code == 2
     assert "reserve 2 of the cluster's 2 CPUs (policy 1 x 1, reference 1 x 1)" in capsys.readouterr().err
-    assert ray.available_resources().get("CPU") == 2  # refused before any group was placed
+    assert set(ray.util.placement_group_table()) == groups_before  # refused before any group was placed
+    assert ray.available_resources().get("CPU") == 2
     with Alarm(300):
         code = run_job(spec, common + ["resources.policy.cpus=0.5", "resources.reference={num_workers: 1, cpus: 0.5}"],
                        run_dir=str(tmp_path / "b"))
