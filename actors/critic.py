@@ -21,7 +21,7 @@ import pathlib
 import torch
 
 from actors.group import WorkerBase
-from actors.policy import _rng_state, _set_rng_state, device, load_options, optimizer_step, schedule
+from actors.common import device, load_options, optimizer_step, rng_state, schedule, set_rng_state
 from vlrlhf.config import ModelSpec, TrainerSpec
 from vlrlhf.models.registry import load_adapter
 from vlrlhf.models.value_head import load_head, save_head, token_values
@@ -91,7 +91,7 @@ class CriticWorker(WorkerBase):
             self.adapter.processor.save_pretrained(folder)
             save_head(self.head, folder)
             torch.save({"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
-                        "rng": _rng_state()}, pathlib.Path(folder) / STATE_FILE)
+                        "rng": rng_state()}, pathlib.Path(folder) / STATE_FILE)
 
     def load_state(self, folder: str) -> None:
         """What `save` wrote: weights, head, optimizer, schedule, RNG."""
@@ -109,4 +109,4 @@ class CriticWorker(WorkerBase):
         state = torch.load(out / STATE_FILE, weights_only=False)
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
-        _set_rng_state(state["rng"])
+        set_rng_state(state["rng"])

@@ -13,16 +13,16 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import math
 import pathlib
-import random
 
-import numpy as np
 import torch
 
+from actors.common import (device, load_options, mixed_precision, optimizer_step, rng_state, schedule,
+                           set_rng_state)
 from actors.group import WorkerBase, resolve
+from actors.reference import reference_for_share, reference_logps
+from actors.weight_sync import merged_state, send_staged, state_manifest, weight_group
 from vlrlhf.config import AlgorithmSpec, ModelSpec, TrainerSpec
-from vlrlhf.models.base import LoadOptions
 from vlrlhf.models.registry import load_adapter
 from vlrlhf.data.pipeline import KTOBatch
 from vlrlhf.losses.preference import RunningMean
@@ -30,42 +30,6 @@ from vlrlhf.training import (dpo_micro_step, dpo_step_statistics, kto_micro_step
                              move_pairs, reward_micro_step, rl_micro_step, sft_micro_step, uses_batch_statistics)
 
 ONLINE = ("grpo", "rloo", "reinforce_pp", "ppo")
-
-
-def device() -> torch.device:
-    return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
-
-
-def load_options(model: ModelSpec) -> LoadOptions:
-    return LoadOptions(dtype=model.dtype, attn_implementation=model.attention,
-                       trust_remote_code=model.trust_remote_code, processor=tuple(sorted(model.processor.items())))
-
-
-def mixed_precision(model: ModelSpec, trainer: TrainerSpec) -> torch.dtype | None:
-    """The autocast dtype of a ddp policy whose model.dtype is bfloat16: the weights the
-    optimizer updates stay fp32 (master weights; AdamW on bf16 weights rounds small updates
-    away) and the forward runs in bf16. None: plain fp32, or DeepSpeed, whose engine keeps
-    its own fp32 master copy of a bf16/fp16 model."""
-    if model.dtype == "float32" or trainer.strategy == "deepspeed":
-        return None
-    if model.dtype == "float16":
-        raise ValueError("model.dtype=float16 with trainer.strategy=ddp: fp16 training needs loss scaling, "
-                         "which the deepspeed strategy does; use bfloat16 (or strategy: deepspeed)")
-    return getattr(torch, model.dtype)
-
-
-def schedule(trainer: TrainerSpec, total_steps: int):
-    def factor(step: int) -> float:
-        if trainer.warmup_steps and step < trainer.warmup_steps:
-            return (step + 1) / trainer.warmup_steps
-        if trainer.lr_schedule == "constant":
-            return 1.0
-        progress = min(1.0, (step - trainer.warmup_steps) / max(1, total_steps - trainer.warmup_steps))
-        if trainer.lr_schedule == "linear":
-            return 1.0 - progress
-        return 0.5 * (1.0 + math.cos(math.pi * progress))
-
-    return factor
 
 
 class PolicyWorker(WorkerBase):
@@ -183,7 +147,6 @@ class PolicyWorker(WorkerBase):
         """A Share of pipeline rows -> collated micro-batches, their reference log-probs, the
         global normaliser (token-mean SFT: label tokens summed over every worker) and the
         largest order key consumed (the driver's resume point)."""
-        from actors.reference import reference_for_share
         from vlrlhf.data.pipeline import collate_items
         from vlrlhf.data.shares import load_share
 
@@ -255,8 +218,6 @@ class PolicyWorker(WorkerBase):
     @torch.no_grad()
     def logprobs(self, micro_batches: list) -> list:
         """Reference log-probs from this policy with its LoRA adapters disabled."""
-        from actors.reference import reference_logps
-
         self.model.eval()
         try:
             with self.model.disable_adapter(), self.precision():
@@ -269,7 +230,7 @@ class PolicyWorker(WorkerBase):
         """Rank 0 writes an HF folder (adapter folder for LoRA) plus the training state;
         with DeepSpeed every rank also writes its partition of the engine state."""
         out = pathlib.Path(folder)
-        state = {"step": self.step, "rng": _rng_state(), "bco_baseline": self.bco_baseline.state_dict(),
+        state = {"step": self.step, "rng": rng_state(), "bco_baseline": self.bco_baseline.state_dict(),
                  **trainer_state}
         full_weights = None
         if self.deepspeed is not None:  # collectives: every rank takes part
@@ -311,51 +272,24 @@ class PolicyWorker(WorkerBase):
         self.step = state["step"]
         if "bco_baseline" in state:  # checkpoints written before it was kept start from an empty mean
             self.bco_baseline.load_state_dict(state["bco_baseline"])
-        _set_rng_state(state["rng"])
+        set_rng_state(state["rng"])
         return {k: v for k, v in state.items() if k not in ("optimizer", "scheduler", "rng", "bco_baseline")}
 
-    @torch.no_grad()
     def sync_state(self) -> dict:
-        """The tensors a rollout engine must refresh, under the plain model's parameter names
-        (rank 0; the other ranks return {}): trainable parameters (full fine-tuning), or with
-        LoRA the merged weights of the adapted layers (W + scale * B A, computed beside W, which
-        stays untouched) plus any other trainable parameter. ZeRO-3 gathers each tensor first:
-        every rank must call this."""
-        from actors.deepspeed_engine import gathered
-
-        modules = dict(self.model.named_modules())
-        out = {}
-        for name, parameter in self.model.named_parameters():
-            adapted = ".base_layer." in name
-            if "lora_" in name or not (parameter.requires_grad or adapted):
-                continue
-            layer = modules[name.split(".base_layer.")[0]] if adapted else None
-            with gathered(list(layer.parameters()) if adapted else [parameter], self.deepspeed):
-                tensor = parameter.detach()
-                if adapted and name.endswith(".base_layer.weight"):
-                    tensor = tensor + sum(layer.get_delta_weight(a) for a in layer.active_adapters
-                                          if a in layer.lora_A)
-                if self.rank == 0:
-                    plain = name.removeprefix("base_model.model.").replace(".base_layer.", ".")
-                    out[plain] = tensor.cpu().clone()
-        return out
+        """The tensors a rollout engine must refresh (rank 0; the others return {}); every
+        rank calls it (ZeRO-3 gathers). See actors.weight_sync.merged_state."""
+        return merged_state(self.model, self.rank, self.deepspeed)
 
     def stage_weights(self) -> list:
-        """weight_sync=collective, every rank (ZeRO-3 gathers): take the sync state and return
-        its manifest [(name, shape, dtype)], which the engines need to receive the broadcast
-        (rank 0's; the other ranks return [])."""
+        """weight_sync=collective, every rank: take the sync state; rank 0 returns its manifest."""
         self.outgoing = self.sync_state()
-        return [(name, list(t.shape), str(t.dtype).removeprefix("torch.")) for name, t in self.outgoing.items()]
+        return state_manifest(self.outgoing)
 
     def send_weights(self, host: str, port: int, world_size: int) -> int:
         """Broadcast the staged tensors to the rollout workers (ranks 1..) of the weight group."""
-        from actors.rollout import weight_group
-
         if getattr(self, "weight_group", None) is None:
             self.weight_group = weight_group(host, port, 0, world_size)
-        for tensor in self.outgoing.values():
-            self.weight_group.broadcast(tensor.to(self.device).contiguous(), 0).wait()
-        sent, self.outgoing = len(self.outgoing), {}
+        sent, self.outgoing = send_staged(self.weight_group, self.outgoing, self.device), {}
         return sent
 
     def trainable_state(self) -> dict:
@@ -364,49 +298,3 @@ class PolicyWorker(WorkerBase):
 
     def frozen_state(self) -> dict:
         return {n: p.detach().cpu().clone() for n, p in self.model.named_parameters() if not p.requires_grad}
-
-
-def _rng_state() -> dict:
-    return {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
-
-
-def _set_rng_state(state: dict) -> None:
-    torch.set_rng_state(state["torch"])
-    np.random.set_state(state["numpy"])
-    random.setstate(state["python"])
-
-
-def optimizer_step(parameters: list, world_size: int, optimizer, scheduler, max_grad_norm: float | None) -> float:
-    """After the micro-batches' backward passes: sum gradients over the workers, clip, step
-    the optimizer and the schedule, clear. Returns the gradient norm before clipping."""
-    all_reduce_gradients(parameters, world_size)
-    grad_norm = clip_gradients(parameters, max_grad_norm)
-    optimizer.step()
-    scheduler.step()
-    optimizer.zero_grad(set_to_none=True)
-    return grad_norm
-
-
-def all_reduce_gradients(parameters: list, world_size: int) -> None:
-    """Sum the gradients over the data-parallel workers with one flat all-reduce (a missing
-    gradient counts as zeros: LLaVA leaves unused tower parameters)."""
-    if world_size == 1:
-        return
-    import torch.distributed as dist
-
-    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in parameters]
-    flat = torch.cat([g.reshape(-1) for g in grads])
-    dist.all_reduce(flat)
-    offset = 0
-    for parameter, grad in zip(parameters, grads, strict=True):
-        parameter.grad = flat[offset: offset + grad.numel()].view_as(parameter).clone()
-        offset += grad.numel()
-
-
-def clip_gradients(parameters: list, max_norm: float | None) -> float:
-    """Clip to max_norm (None: only measure); returns the total norm before clipping."""
-    if max_norm is None:
-        grads = [p.grad for p in parameters if p.grad is not None]
-        return float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))) \
-            if grads else 0.0
-    return float(torch.nn.utils.clip_grad_norm_(parameters, max_norm))

@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 
 from actors.group import WorkerBase
-from actors.policy import device, load_options
+from actors.common import device, load_options
 from vlrlhf.config import ModelSpec
 from vlrlhf.models.registry import load_adapter
 from vlrlhf.data.pipeline import PairBatch

@@ -17,7 +17,7 @@ import math
 import torch
 
 from actors.group import WorkerBase
-from actors.policy import device
+from actors.common import device
 from vlrlhf.models.base import LoadOptions
 from vlrlhf.models.registry import load_adapter
 from vlrlhf.models.value_head import has_head, last_token_scores, load_head

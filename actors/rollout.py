@@ -25,7 +25,7 @@ engines (contiguous shares whose sizes differ by at most one, a seed of its own 
 engine) and `collect_rollout` gathers the samples back in prompt order. `logprobs`
 scores given completions under an engine's current weights (checks of the weight sync).
 
-`RolloutWorker` is the role on an ActorGroup; `sync_weights(policy, rollout)` moves
+`RolloutWorker` is the role on an ActorGroup; `actors.weight_sync.sync_weights(policy, rollout)` moves
 the policy's changed tensors to every engine through the object store, or by a
 gloo/NCCL broadcast from the policy's rank 0 (`online.weight_sync: collective`, the
 path across nodes). Colocated with the policy, an engine sleeps while it trains.
@@ -40,9 +40,9 @@ import time
 import torch
 
 from actors.group import WorkerBase, resolve
+from actors.weight_sync import receive_broadcast, weight_group
 from vlrlhf.models.base import LoadOptions
 
-WEIGHT_SYNC_TIMEOUT_S = 1800  # a broadcast waits for an engine still busy with an asynchronous rollout
 ENGINE_SEED_STRIDE = 1_000_000_007  # engine e samples with seed + e * stride: distinct streams, engine 0 unchanged
 
 
@@ -285,13 +285,7 @@ class RolloutWorker(WorkerBase):
         started = time.perf_counter()
         if self.weight_group is None:
             self.weight_group = weight_group(host, port, rank, world_size)
-        on = "cuda" if torch.cuda.is_available() else "cpu"
-        received = {}
-        for name, shape, dtype in manifest:
-            tensor = torch.empty(shape, dtype=getattr(torch, dtype), device=on)
-            self.weight_group.broadcast(tensor, 0).wait()
-            received[name] = tensor
-        loaded = self.engine.load_weights(received)
+        loaded = self.engine.load_weights(receive_broadcast(self.weight_group, manifest))
         return {"tensors": loaded, "seconds": time.perf_counter() - started}
 
     def sleep(self) -> dict:
@@ -300,20 +294,6 @@ class RolloutWorker(WorkerBase):
 
     def wake_up(self) -> None:
         self.engine.wake_up()
-
-
-def weight_group(host: str, port: int, rank: int, world_size: int):
-    """A process group of the policy's rank 0 (rank 0 here) and the rollout workers, apart
-    from the policy's own data-parallel group: gloo on CPU, NCCL on GPU."""
-    import datetime
-
-    import torch.distributed as dist
-
-    timeout = datetime.timedelta(seconds=WEIGHT_SYNC_TIMEOUT_S)
-    store = dist.TCPStore(host, port, world_size, is_master=rank == 0, timeout=timeout)
-    if torch.cuda.is_available():
-        return dist.ProcessGroupNCCL(store, rank, world_size)
-    return dist.ProcessGroupGloo(store, rank, world_size, timeout)
 
 
 def shares(count: int, parts: int) -> list[range]:
@@ -343,29 +323,6 @@ def collect_rollout(rollout, calls: list[tuple[int, object]]) -> list[Sample]:
     parts = rollout.get([call for _, call in calls])
     return [dataclasses.replace(sample, request=sample.request + start)
             for (start, _), samples in zip(calls, parts, strict=True) for sample in samples]
-
-
-def sync_weights(policy, rollout, method: str = "object_store") -> dict:
-    """Policy rank 0's changed tensors -> every rollout worker. object_store: one put,
-    every engine reads the same object; collective: a gloo/NCCL broadcast from policy rank 0
-    (both groups on Ray workers; the path across nodes). Returns counts and the time taken."""
-    started = time.perf_counter()
-    if method == "collective" and policy.local is None and rollout.local is None:
-        if getattr(rollout, "weight_address", None) is None:
-            rollout.weight_address = policy.get([policy.call(0, "address")])[0]
-        host, port = rollout.weight_address
-        world = 1 + rollout.world_size
-        manifest = policy.get(policy.broadcast("stage_weights"))[0]  # every rank: ZeRO-3 gathers
-        sent = policy.call(0, "send_weights", host, port, world)
-        received = [actor.receive_weights.remote(host, port, 1 + index, world, manifest)
-                    for index, actor in enumerate(rollout.actors)]
-        results = rollout.get(received)
-        policy.get([sent])
-    else:
-        state = policy.broadcast("sync_state")[0]  # an ObjectRef (a value in-process)
-        results = rollout.get(rollout.broadcast("load_weights", state))
-    return {"tensors": results[0]["tensors"], "load_s": max(r["seconds"] for r in results),
-            "sync_s": time.perf_counter() - started}
 
 
 def with_completion(prompt, token_ids: list[int]):

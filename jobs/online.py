@@ -44,8 +44,9 @@ from actors.group import ActorGroup
 from actors.policy import PolicyWorker
 from actors.reference import ReferenceWorker
 from actors.reward import RewardModelWorker
-from actors.rollout import RolloutWorker, Sample, Sampling, collect_rollout, start_rollout, sync_weights
+from actors.rollout import RolloutWorker, Sample, Sampling, collect_rollout, start_rollout
 from actors.storage import is_uri, open_uri, write_folder
+from actors.weight_sync import sync_weights
 from jobs.checkpoints import open_checkpoints, resume_from
 from jobs.common import Tracker, colocation_reserve, plot_curves
 from jobs.rows import Row, collate_rl, collate_values, padded, rl_example, scatter, scoring_batches, unpadded

@@ -7,7 +7,8 @@ import pytest
 from actors.group import ActorGroup
 from actors.policy import PolicyWorker
 from actors.reference import ReferenceWorker
-from actors.rollout import RolloutWorker, Sampling, TransformersEngine, sync_weights
+from actors.rollout import RolloutWorker, Sampling, TransformersEngine
+from actors.weight_sync import sync_weights
 from jobs.common import shard
 from tests.actors.rollout_check import request
 from tests.jobs.test_training_invariants import pairs, specs  # noqa: F401  (module fixture)

@@ -8,7 +8,8 @@ import pathlib
 import pytest
 import torch
 
-from actors.policy import PolicyWorker, mixed_precision
+from actors.common import mixed_precision
+from actors.policy import PolicyWorker
 from actors.reference import ReferenceWorker
 from jobs.common import normaliser_for, shard
 from vlrlhf.config import AlgorithmSpec, LoraSpec, ModelSpec, TrainerSpec

@@ -1,0 +1,99 @@
+"""What every model-holding role shares: the device, load options, the mixed-precision
+rule, the learning-rate schedule, RNG state for exact resume, and the optimizer step of
+data-parallel replicas (one all-reduce of the gradients, clipping, step, clear).
+
+Used by the policy, critic, reference and reward roles; imports no other role.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+
+import numpy as np
+import torch
+
+from vlrlhf.config import ModelSpec, TrainerSpec
+from vlrlhf.models.base import LoadOptions
+
+
+def device() -> torch.device:
+    return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+
+
+def load_options(model: ModelSpec) -> LoadOptions:
+    return LoadOptions(dtype=model.dtype, attn_implementation=model.attention,
+                       trust_remote_code=model.trust_remote_code, processor=tuple(sorted(model.processor.items())))
+
+
+def mixed_precision(model: ModelSpec, trainer: TrainerSpec) -> torch.dtype | None:
+    """The autocast dtype of a ddp policy whose model.dtype is bfloat16: the weights the
+    optimizer updates stay fp32 (master weights; AdamW on bf16 weights rounds small updates
+    away) and the forward runs in bf16. None: plain fp32, or DeepSpeed, whose engine keeps
+    its own fp32 master copy of a bf16/fp16 model."""
+    if model.dtype == "float32" or trainer.strategy == "deepspeed":
+        return None
+    if model.dtype == "float16":
+        raise ValueError("model.dtype=float16 with trainer.strategy=ddp: fp16 training needs loss scaling, "
+                         "which the deepspeed strategy does; use bfloat16 (or strategy: deepspeed)")
+    return getattr(torch, model.dtype)
+
+
+def schedule(trainer: TrainerSpec, total_steps: int):
+    def factor(step: int) -> float:
+        if trainer.warmup_steps and step < trainer.warmup_steps:
+            return (step + 1) / trainer.warmup_steps
+        if trainer.lr_schedule == "constant":
+            return 1.0
+        progress = min(1.0, (step - trainer.warmup_steps) / max(1, total_steps - trainer.warmup_steps))
+        if trainer.lr_schedule == "linear":
+            return 1.0 - progress
+        return 0.5 * (1.0 + math.cos(math.pi * progress))
+
+    return factor
+
+
+def rng_state() -> dict:
+    return {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(state["numpy"])
+    random.setstate(state["python"])
+
+
+def optimizer_step(parameters: list, world_size: int, optimizer, scheduler, max_grad_norm: float | None) -> float:
+    """After the micro-batches' backward passes: sum gradients over the workers, clip, step
+    the optimizer and the schedule, clear. Returns the gradient norm before clipping."""
+    all_reduce_gradients(parameters, world_size)
+    grad_norm = clip_gradients(parameters, max_grad_norm)
+    optimizer.step()
+    scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    return grad_norm
+
+
+def all_reduce_gradients(parameters: list, world_size: int) -> None:
+    """Sum the gradients over the data-parallel workers with one flat all-reduce (a missing
+    gradient counts as zeros: LLaVA leaves unused tower parameters)."""
+    if world_size == 1:
+        return
+    import torch.distributed as dist
+
+    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in parameters]
+    flat = torch.cat([g.reshape(-1) for g in grads])
+    dist.all_reduce(flat)
+    offset = 0
+    for parameter, grad in zip(parameters, grads, strict=True):
+        parameter.grad = flat[offset: offset + grad.numel()].view_as(parameter).clone()
+        offset += grad.numel()
+
+
+def clip_gradients(parameters: list, max_norm: float | None) -> float:
+    """Clip to max_norm (None: only measure); returns the total norm before clipping."""
+    if max_norm is None:
+        grads = [p.grad for p in parameters if p.grad is not None]
+        return float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))) \
+            if grads else 0.0
+    return float(torch.nn.utils.clip_grad_norm_(parameters, max_norm))
