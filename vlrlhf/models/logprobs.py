@@ -5,6 +5,13 @@ share of a VLM row: image tokens and the prompt are never scored), in chunks; ea
 chunk's logits are upcast to fp32, reduced to (log-softmax at the label) and dropped.
 Under autograd each chunk is checkpointed, so backward recomputes its logits instead
 of keeping them: peak logits memory is one chunk, (chunk, V), not (B, T, V).
+A head that ZeRO-3 partitions runs as one chunk: every call gathers its weight, a
+collective, and ranks whose micro-batches hold different numbers of scored tokens would
+otherwise make different numbers of calls and wait on each other forever. If that head is
+frozen (LoRA under ZeRO-3) the chunk is not checkpointed either: DeepSpeed gathers the
+weight for the module's forward and backward, not for a recompute inside the backward
+(the recomputed weight is the empty partition), so the logits are kept for backward:
+(scored tokens, V) fp32 per micro-batch.
 """
 
 from __future__ import annotations
@@ -20,6 +27,12 @@ IGNORE_INDEX = -100
 def _chunk_logprobs(hidden: torch.Tensor, head: Callable, targets: torch.Tensor) -> torch.Tensor:
     logits = head(hidden).float()
     return logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, dim=-1)
+
+
+def partitioned(head: Callable) -> list[torch.nn.Parameter]:
+    """The head's parameters that ZeRO-3 partitions across ranks (DeepSpeed tags them ds_id)."""
+    parameters = head.parameters() if isinstance(head, torch.nn.Module) else ()
+    return [p for p in parameters if hasattr(p, "ds_id")]
 
 
 def chunked_token_logprobs(hidden: torch.Tensor, head: Callable, labels: torch.Tensor,
@@ -42,11 +55,15 @@ def chunked_token_logprobs(hidden: torch.Tensor, head: Callable, labels: torch.T
         return out
     states = positions if index is None else index[rows, positions]
     targets = labels[rows, positions + 1]
+    sharded = partitioned(head)
+    recompute = not any(not p.requires_grad for p in sharded)
+    if sharded:  # one gather per call on every rank, whatever its number of scored tokens
+        chunk_size = len(rows)
     values = []
     for start in range(0, len(rows), chunk_size):
         piece = hidden[rows[start:start + chunk_size], states[start:start + chunk_size]]
         chunk_targets = targets[start:start + chunk_size]
-        if torch.is_grad_enabled() and piece.requires_grad:
+        if torch.is_grad_enabled() and piece.requires_grad and recompute:
             values.append(checkpoint(_chunk_logprobs, piece, head, chunk_targets, use_reentrant=False))
         else:
             values.append(_chunk_logprobs(piece, head, chunk_targets))
