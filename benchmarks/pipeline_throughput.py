@@ -9,8 +9,8 @@ single-process loop (the peer) measured in the same run; pairs/s of each.
 
 `driver`: a tiny-LLaVA DPO run (`vlrlhf run configs/demo_dpo.yaml`, policy on a Ray
 worker) on N synthetic pairs for each N in --sizes, each in a fresh process: the
-driver's peak RSS, the peak RSS of the whole process tree (driver, Ray's own processes,
-workers), and the driver's share of the tree's CPU time from the first logged step to
+driver's peak RSS, the peak memory of the whole process tree (driver, Ray's own processes,
+workers) as the sum of RSS and as the sum of PSS (shared library pages counted once), and the driver's share of the tree's CPU time from the first logged step to
 the end (training, the final evaluation and the checkpoint).
 """
 
@@ -73,16 +73,24 @@ def encode(pairs: int) -> None:
         print(f"pipeline, {tasks} encode task(s) {rate:8.1f} pairs/s   ({rate / single:.2f}x the loop)")
 
 
-def tree_rss(process) -> int:
+def tree_memory(process) -> tuple[int, int, dict]:
+    """(sum of RSS, sum of PSS, PSS by process name) over the process and its descendants.
+    RSS counts a shared page (torch's libraries, mapped by every worker that imports torch)
+    once per process that maps it; PSS splits it between them, so the PSS sum is the memory
+    the tree holds."""
     import psutil
 
-    total = 0
+    rss = pss = 0
+    named = {}
     for member in [process, *process.children(recursive=True)]:
         try:
-            total += member.memory_info().rss
+            info = member.memory_full_info()
+            name = "driver" if member.pid == process.pid else member.name()
         except psutil.Error:
-            pass
-    return total
+            continue
+        rss, pss = rss + info.rss, pss + info.pss
+        named[name] = named.get(name, 0) + info.pss
+    return rss, pss, named
 
 
 def tree_cpu(process) -> tuple[float, float]:
@@ -113,7 +121,7 @@ def measure_run(pairs: int, steps: int) -> dict:
     folder = pathlib.Path(tempfile.mkdtemp())
     synthesize(folder / "data", ("preference",), num_train=pairs, num_test=1)
     me = psutil.Process()
-    peaks = {"driver": 0, "tree": 0}
+    peaks = {"driver": 0, "tree": 0, "tree_pss": 0, "by_process": {}}
     done = threading.Event()
     metrics = folder / "run" / "metrics.jsonl"
     training = {}  # CPU times when the first step is logged: the share counts training only
@@ -121,7 +129,10 @@ def measure_run(pairs: int, steps: int) -> dict:
     def sample():
         while not done.is_set():
             peaks["driver"] = max(peaks["driver"], me.memory_info().rss)
-            peaks["tree"] = max(peaks["tree"], tree_rss(me))
+            rss, pss, named = tree_memory(me)
+            peaks["tree"] = max(peaks["tree"], rss)
+            if pss > peaks["tree_pss"]:
+                peaks["tree_pss"], peaks["by_process"] = pss, named
             if not training and metrics.exists() and metrics.stat().st_size:
                 training["cpu"] = tree_cpu(me)
             time.sleep(1.0)  # the sampler runs in the driver: keep its own CPU small
@@ -140,7 +151,10 @@ def measure_run(pairs: int, steps: int) -> dict:
     started_cpu = training.get("cpu", (0.0, 0.0))
     driver_cpu, tree_total = ended_cpu[0] - started_cpu[0], ended_cpu[1] - started_cpu[1]
     return {"pairs": pairs, "code": code, "wall_s": wall, "driver_peak_mb": peaks["driver"] / 2**20,
-            "tree_peak_mb": peaks["tree"] / 2**20, "driver_cpu_share": driver_cpu / max(tree_total, 1e-9)}
+            "tree_peak_mb": peaks["tree"] / 2**20, "tree_pss_peak_mb": peaks["tree_pss"] / 2**20,
+            "pss_by_process_mb": {k: round(v / 2**20) for k, v in sorted(peaks["by_process"].items(),
+                                                                         key=lambda kv: -kv[1])},
+            "driver_cpu_share": driver_cpu / max(tree_total, 1e-9)}
 
 
 def driver(sizes: list[int], steps: int) -> None:
@@ -154,10 +168,12 @@ def driver(sizes: list[int], steps: int) -> None:
             raise SystemExit(f"run with {pairs} pairs failed")
         rows.append(json.loads(line[-1][len("RESULT "):]))
     print(f"tiny-LLaVA DPO, {steps} steps, policy on a Ray worker, reference in it")
-    print(f"{'pairs':>7}{'driver peak MB':>16}{'tree peak MB':>14}{'driver CPU share':>18}{'wall s':>8}")
+    print(f"{'pairs':>7}{'driver peak MB':>16}{'tree RSS sum MB':>17}{'tree PSS sum MB':>17}"
+          f"{'driver CPU share':>18}{'wall s':>8}")
     for row in rows:
-        print(f"{row['pairs']:>7}{row['driver_peak_mb']:>16.0f}{row['tree_peak_mb']:>14.0f}"
-              f"{row['driver_cpu_share']:>18.1%}{row['wall_s']:>8.0f}")
+        print(f"{row['pairs']:>7}{row['driver_peak_mb']:>16.0f}{row['tree_peak_mb']:>17.0f}"
+              f"{row['tree_pss_peak_mb']:>17.0f}{row['driver_cpu_share']:>18.1%}{row['wall_s']:>8.0f}")
+        print(f"        PSS at the tree's peak, by process: {row['pss_by_process_mb']}")
     if len(rows) > 1:
         ratio = rows[-1]["driver_peak_mb"] / rows[0]["driver_peak_mb"]
         print(f"driver peak RSS, largest / smallest data set: {ratio:.2f}x")
