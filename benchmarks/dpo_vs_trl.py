@@ -226,7 +226,8 @@ def report(name: str, results: dict) -> None:
     exit_rss = {side: max(r["peak_rss_mb"] for r in runs) for side, runs in results.items()}
     shared = {side: max(r["object_store_rss_mb"] for r in runs) for side, runs in results.items()}
     loss = {side: runs[0]["first_loss"] for side, runs in results.items()}
-    print(f"{name}: samples/s vlrlhf {rate['vlrlhf']:.2f}, TRL {rate['trl']:.2f}, ratio {rate['vlrlhf'] / rate['trl']:.2f}x | "
+    print(f"{name}: samples/s vlrlhf {rate['vlrlhf']:.2f}, TRL {rate['trl']:.2f}, "
+          f"ratio {rate['vlrlhf'] / rate['trl']:.2f}x | "
           f"CPU-s/sample vlrlhf {cpu['vlrlhf']:.3f}, TRL {cpu['trl']:.3f}, ratio {cpu['trl'] / cpu['vlrlhf']:.2f}x | "
           f"peak RSS through training vlrlhf {rss['vlrlhf']:.0f} MB, TRL {rss['trl']:.0f} MB "
           f"(object-store pages in it {shared['vlrlhf']:.0f} / {shared['trl']:.0f}; "

@@ -10,8 +10,9 @@ single-process loop (the peer) measured in the same run; pairs/s of each.
 `driver`: a tiny-LLaVA DPO run (`vlrlhf run configs/demo_dpo.yaml`, policy on a Ray
 worker) on N synthetic pairs for each N in --sizes, each in a fresh process: the
 driver's peak RSS, the peak memory of the whole process tree (driver, Ray's own processes,
-workers) as the sum of RSS and as the sum of PSS (shared library pages counted once), and the driver's share of the tree's CPU time from the first logged step to
-the end (training, the final evaluation and the checkpoint).
+workers) as the sum of RSS and as the sum of PSS (shared library pages counted once), and
+the driver's share of the tree's CPU time from the first logged step to the end (training,
+the final evaluation and the checkpoint).
 """
 
 from __future__ import annotations

@@ -100,7 +100,8 @@ def test_a_checkpoint_folder_that_is_not_shared_is_refused(tmp_path):
     elsewhere = tmp_path / "other-node"
 
     def write(destination):  # the same path, on another machine's disk
-        report = write_folder(str(elsewhere), lambda folder: (pathlib.Path(folder) / "trainer_state.pt").write_bytes(b"x"))
+        report = write_folder(str(elsewhere),
+                              lambda folder: (pathlib.Path(folder) / "trainer_state.pt").write_bytes(b"x"))
         return [report | {"destination": destination}]
 
     with pytest.raises(CheckpointIncomplete, match="every node mounts"):
