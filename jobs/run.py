@@ -37,6 +37,9 @@ def start_ray(dashboard: bool | None = None) -> None:
     # Worker processes inherit the job's environment variables.
     runtime_env = {"env_vars": {k: os.environ[k] for k in ("TOKENIZERS_PARALLELISM", "HF_HUB_OFFLINE",
                                                            "DS_ACCELERATOR") if k in os.environ}}
+    # Ray starts workers at niceness 15 and the driver at 0: a driver that trains (the policy
+    # in-process) would starve the encode tasks that feed it; this job's workers run at its priority.
+    runtime_env["env_vars"].setdefault("RAY_worker_niceness", os.environ.get("RAY_worker_niceness", "0"))
     if not address and not _has_cuda():  # a local CPU cluster: DeepSpeed need not probe (and warn) per worker
         runtime_env["env_vars"].setdefault("DS_ACCELERATOR", "cpu")
     if address:

@@ -78,3 +78,32 @@ def test_start_ray_keeps_a_running_ray(ray_cluster):
     address = ray_cluster.get_runtime_context().gcs_address
     start_ray()  # a second ray.init here would raise; a restart would change the address
     assert ray_cluster.is_initialized() and ray_cluster.get_runtime_context().gcs_address == address
+
+
+def test_a_local_cluster_runs_the_jobs_workers_at_the_drivers_priority():
+    """Ray starts workers at niceness 15: behind a driver that trains in-process they would
+    get a few percent of a busy CPU and the pipeline that feeds the training would stall."""
+    import os
+    import pathlib
+    import shutil
+    import tempfile
+
+    from tests.conftest import RAY_ENV
+
+    script = ("import os, ray\n"
+              "from jobs.run import start_ray\n"
+              "start_ray(dashboard=False)\n"
+              "worker = ray.get(ray.remote(num_cpus=0)(lambda: os.nice(0)).remote())\n"
+              "print('NICENESS', os.nice(0), worker)\n"
+              "ray.shutdown()\n")
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_worker_niceness")}
+    temp_dir = tempfile.mkdtemp(prefix="vr", dir="/tmp")  # socket paths must stay short
+    env.update(RAY_ENV, PYTHONPATH=str(pathlib.Path(__file__).resolve().parents[1]), RAY_TMPDIR=temp_dir)
+    try:
+        out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=240)
+    finally:
+        shutil.rmtree(temp_dir, ignore_errors=True)
+    line = [text for text in out.stdout.splitlines() if text.startswith("NICENESS")]
+    assert line, out.stdout[-2000:] + out.stderr[-2000:]
+    driver, worker = map(int, line[0].split()[1:])
+    assert worker == driver
