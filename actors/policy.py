@@ -140,7 +140,9 @@ class PolicyWorker(WorkerBase):
         if name == "dpo":
             return dpo_micro_step(self.adapter, self.model, move_pairs(micro, self.device), reference,
                                   self.algorithm, normaliser, statistics)
-        batch = KTOBatch(micro.completions.to(self.device), micro.mismatched.to(self.device), micro.desirable)
+        moved = {}  # the completion and its mismatched twin share their pixels
+        batch = KTOBatch(micro.completions.to(self.device, moved=moved), micro.mismatched.to(self.device, moved=moved),
+                         micro.desirable)
         return kto_micro_step(self.adapter, self.model, batch, reference, self.algorithm, normaliser, statistics)
 
     def _from_share(self, share, normaliser: float | None) -> tuple[list, list | None, float, int]:

@@ -64,8 +64,10 @@ def pair_logps(adapter, model, pairs: PairBatch) -> PairLogps:
 
 
 def move_pairs(pairs: PairBatch, device) -> PairBatch:
-    return PairBatch(pairs.chosen.to(device), pairs.rejected.to(device),
-                     None if pairs.corrupted is None else pairs.corrupted.to(device))
+    """On `device`, the pixels chosen and rejected share moved once."""
+    moved = {}
+    return PairBatch(pairs.chosen.to(device, moved=moved), pairs.rejected.to(device, moved=moved),
+                     None if pairs.corrupted is None else pairs.corrupted.to(device, moved=moved))
 
 
 def dpo_micro_step(adapter, model, pairs: PairBatch, reference: PairLogps | None, algorithm: AlgorithmSpec,

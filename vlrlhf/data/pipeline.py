@@ -381,18 +381,37 @@ def iter_batches(items: Iterator[EncodedItem], adapter, batch_size: int,
 
 
 def collate_items(adapter, items: list[EncodedItem], padding_side: str = "right"):
-    """ModelBatch for conversations and prompts, PairBatch for pairs, KTOBatch for KTO."""
+    """ModelBatch for conversations and prompts, PairBatch for pairs, KTOBatch for KTO. The
+    two sides of a pair (or a KTO example) hold the same image tensors (`images_once`); their
+    batches share one stacked copy."""
     first = items[0].encoded
     if isinstance(first, EncodedPair):
         corrupted = None
         if first.corrupted is not None:
             corrupted = adapter.collate([i.encoded.corrupted for i in items], padding_side)
-        return PairBatch(adapter.collate([i.encoded.chosen for i in items], padding_side),
-                         adapter.collate([i.encoded.rejected for i in items], padding_side), corrupted)
+        chosen = [i.encoded.chosen for i in items]
+        rejected = [i.encoded.rejected for i in items]
+        chosen_batch = adapter.collate(chosen, padding_side)
+        return PairBatch(chosen_batch, share_images(adapter.collate(rejected, padding_side), chosen_batch,
+                                                    rejected, chosen), corrupted)
     if isinstance(first, EncodedKTO):
         import torch
 
-        return KTOBatch(adapter.collate([i.encoded.completion for i in items], padding_side),
-                        adapter.collate([i.encoded.mismatched for i in items], padding_side),
+        completions = [i.encoded.completion for i in items]
+        mismatched = [i.encoded.mismatched for i in items]
+        completion_batch = adapter.collate(completions, padding_side)
+        return KTOBatch(completion_batch, share_images(adapter.collate(mismatched, padding_side), completion_batch,
+                                                       mismatched, completions),
                         torch.tensor([i.encoded.desirable for i in items]))
     return adapter.collate([i.encoded for i in items], padding_side)
+
+
+def share_images(batch, twin, examples: list, twin_examples: list):
+    """`batch` with each extra that every example shares (the same object) with its twin's
+    example taken from the twin's batch: one copy of a pair's pixels in memory, not two."""
+    for name in list(batch.extras):
+        if name in twin.extras and all(
+                example.extras.get(name) is not None and example.extras.get(name) is other.extras.get(name)
+                for example, other in zip(examples, twin_examples, strict=True)):
+            batch.extras[name] = twin.extras[name]
+    return batch

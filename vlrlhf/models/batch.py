@@ -45,11 +45,20 @@ class ModelBatch:
         """(B, T) bool, True where a label is scored."""
         return self.labels != IGNORE_INDEX
 
-    def to(self, device, float_dtype: torch.dtype | None = None) -> ModelBatch:
-        def move(tensor: torch.Tensor) -> torch.Tensor:
+    def to(self, device, float_dtype: torch.dtype | None = None, moved: dict | None = None) -> ModelBatch:
+        """On `device`. `moved` (id -> moved tensor), shared by the batches of a pair, moves a
+        tensor they share (the pixels) once, so they still share it there."""
+        def copy(tensor: torch.Tensor) -> torch.Tensor:
             if float_dtype is not None and tensor.is_floating_point():
                 return tensor.to(device=device, dtype=float_dtype)
             return tensor.to(device)
+
+        def move(tensor: torch.Tensor) -> torch.Tensor:
+            if moved is None:
+                return copy(tensor)
+            if id(tensor) not in moved:  # the caller holds the batches, so ids stay unique meanwhile
+                moved[id(tensor)] = copy(tensor)
+            return moved[id(tensor)]
 
         return ModelBatch(move(self.input_ids), move(self.attention_mask), move(self.labels),
                           {name: move(value) for name, value in self.extras.items()},
