@@ -92,6 +92,11 @@ class Adapter:
     # "separate" scores chosen and rejected as two batches. Built-in families pack; an
     # adapter of your own opts in once tests/models/test_pair_forward.py passes for it.
     pair_forward: ClassVar[str] = "separate"
+    # True where the image processor rescales and normalises last (after resizing and
+    # cropping): encoded pixels then stay uint8 and model_inputs applies the processor's
+    # own rescale_and_normalize, so the model gets the same floats from a quarter of the
+    # bytes in the object store, the driver and the host-to-device copy.
+    raw_pixels: ClassVar[bool] = False
 
     def __init__(self, processor, config=None, path: str | None = None):
         self.processor = processor
@@ -100,6 +105,10 @@ class Adapter:
         self.path = path
         if self.tokenizer.pad_token_id is None:
             raise ValueError(f"{path}: the tokenizer has no pad token; set one in tokenizer_config.json")
+        images = getattr(processor, "image_processor", None)
+        self.pixel_normaliser = images if (
+            self.raw_pixels and callable(getattr(images, "rescale_and_normalize", None))
+            and (getattr(images, "do_rescale", False) or getattr(images, "do_normalize", False))) else None
 
     # ------------------------------------------------------------------ loading
     @classmethod
@@ -153,8 +162,21 @@ class Adapter:
         bos = self.tokenizer.bos_token
         add_special = not (bos and text.startswith(bos))
         out = self.processor(text=[text], images=[images] if images else None,
-                             add_special_tokens=add_special, return_tensors="pt")
+                             add_special_tokens=add_special, return_tensors="pt", **self.pixel_kwargs(images))
         return self._unbatch(out)
+
+    def pixel_kwargs(self, images: list) -> dict[str, bool]:
+        """Processor keywords that leave the pixels uint8 (raw_pixels), for a call with `images`."""
+        return {"do_rescale": False, "do_normalize": False} if images and self.pixel_normaliser else {}
+
+    def normalise_pixels(self, pixels: torch.Tensor) -> torch.Tensor:
+        """uint8 pixels (raw_pixels) -> the float pixels the processor would have returned."""
+        images = self.pixel_normaliser
+        if images is None:
+            raise ValueError(f"{self.path}: uint8 pixel_values reached {type(self).__name__}, whose image "
+                             "processor has no rescale_and_normalize; encode with this adapter")
+        return images.rescale_and_normalize(pixels, images.do_rescale, images.rescale_factor,
+                                            images.do_normalize, images.image_mean, images.image_std)
 
     def _unbatch(self, out) -> dict[str, Any]:
         result: dict[str, Any] = {"input_ids": out["input_ids"][0].tolist()}
@@ -255,7 +277,11 @@ class Adapter:
                                 padding_side=padding_side)
 
     def model_inputs(self, batch: ModelBatch) -> dict[str, torch.Tensor]:
-        return {"input_ids": batch.input_ids, "attention_mask": batch.attention_mask, **batch.extras}
+        inputs = {"input_ids": batch.input_ids, "attention_mask": batch.attention_mask, **batch.extras}
+        pixels = inputs.get("pixel_values")
+        if pixels is not None and pixels.dtype == torch.uint8:  # raw_pixels: normalised here, on the device
+            inputs["pixel_values"] = self.normalise_pixels(pixels)
+        return inputs
 
     # ------------------------------------------------------------------ log-probs
     def hidden_states(self, model, batch: ModelBatch) -> torch.Tensor:

@@ -18,6 +18,7 @@ class InstructBlipAdapter(Adapter):
     supports_text_only = False
     scores_every_turn = False  # only the last answer is scored
     pair_forward = "packed"  # the Q-Former reads the prompt only, so a pair shares its queries
+    raw_pixels = True  # its processor normalises last
     # pixel_values: (B, 3, H, W); qformer_*: (B, Lq) right-padded with 0.
     extra_rules = {"pixel_values": "concat", "qformer_input_ids": "stack_seq",
                    "qformer_attention_mask": "stack_seq"}
@@ -27,7 +28,7 @@ class InstructBlipAdapter(Adapter):
 
     def _process_prompt(self, prompt: str, images: list):
         limit = self.config.qformer_config.max_position_embeddings if self.config is not None else None
-        out = self.processor(images=[images], text=[prompt], return_tensors="pt")
+        out = self.processor(images=[images], text=[prompt], return_tensors="pt", **self.pixel_kwargs(images))
         if limit is not None and out["qformer_input_ids"].shape[1] > limit:
             out["qformer_input_ids"] = out["qformer_input_ids"][:, :limit]
             out["qformer_attention_mask"] = out["qformer_attention_mask"][:, :limit]

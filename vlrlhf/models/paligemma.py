@@ -26,6 +26,7 @@ class PaliGemmaAdapter(Adapter):
     extra_rules = {"pixel_values": "concat"}
     token_arrays = ("token_type_ids",)
     pair_forward = "packed"  # the bidirectional prefix kept in the packed mask (pair_attention)
+    raw_pixels = True  # its processor normalises last
 
     def render(self, messages, add_generation_prompt):
         return plain_prompt(messages)
@@ -34,7 +35,7 @@ class PaliGemmaAdapter(Adapter):
         # One <image> per image at the start, as the processor expects; it expands them.
         prompt = self.processor.image_token * len(images) + prompt
         out = self.processor(text=[prompt], images=[images], suffix=[suffix] if suffix is not None else None,
-                             return_tensors="pt")
+                             return_tensors="pt", **self.pixel_kwargs(images))
         return self._unbatch(out)
 
     def encode(self, messages, images, *, max_length=None, record="record"):
