@@ -70,3 +70,19 @@ def test_uint8_pixels_without_a_normaliser_are_an_error(tiny_path):
     adapter.pixel_normaliser = None  # e.g. an adapter of your own whose processor has no rescale_and_normalize
     with pytest.raises(ValueError, match="uint8 pixel_values"):
         adapter.model_inputs(batch)
+
+
+def test_a_processor_that_ignores_the_raw_request_is_an_error_not_double_normalised_pixels(tiny_path):
+    adapter = load_adapter(tiny_path("llava"))
+    processor = adapter.processor
+
+    class Ignoring:  # a processor that drops do_rescale/do_normalize and returns normalised floats
+        def __call__(self, *args, do_rescale=None, do_normalize=None, **kwargs):
+            return processor(*args, **kwargs)
+
+        def __getattr__(self, name):
+            return getattr(processor, name)
+
+    adapter.processor = Ignoring()
+    with pytest.raises(ValueError, match="asked for uint8 pixels"):
+        adapter.encode(single_turn(), [shape_image()])

@@ -179,6 +179,10 @@ class Adapter:
                                             images.do_normalize, images.image_mean, images.image_std)
 
     def _unbatch(self, out) -> dict[str, Any]:
+        pixels = out.get("pixel_values") if hasattr(out, "get") else None
+        if self.pixel_normaliser is not None and pixels is not None and pixels.dtype != torch.uint8:
+            raise ValueError(f"{self.path}: asked for uint8 pixels (do_rescale=False, do_normalize=False), its "
+                             f"processor returned {pixels.dtype}; set raw_pixels = False on {type(self).__name__}")
         result: dict[str, Any] = {"input_ids": out["input_ids"][0].tolist()}
         for name in self.token_arrays:
             if name in out:
