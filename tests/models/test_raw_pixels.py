@@ -40,6 +40,9 @@ def test_the_model_gets_the_processors_own_floats(family, tiny_path):
     assert inputs["pixel_values"].dtype == torch.float32
     assert torch.equal(inputs["pixel_values"], expected)  # bit for bit
     assert batch.extras["pixel_values"].dtype == torch.uint8  # the batch itself is left as it was
+    processor = adapter.pixel_normaliser  # constants set as lists (as a config might) give the same floats
+    processor.image_mean, processor.image_std = list(processor.image_mean), list(processor.image_std)
+    assert torch.equal(adapter.model_inputs(batch)["pixel_values"], expected)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

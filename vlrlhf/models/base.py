@@ -175,8 +175,11 @@ class Adapter:
         if images is None:
             raise ValueError(f"{self.path}: uint8 pixel_values reached {type(self).__name__}, whose image "
                              "processor has no rescale_and_normalize; encode with this adapter")
-        return images.rescale_and_normalize(pixels, images.do_rescale, images.rescale_factor,
-                                            images.do_normalize, images.image_mean, images.image_std)
+        def hashable(value):  # the processor caches its fused constants by these arguments
+            return tuple(value) if isinstance(value, list) else value
+
+        return images.rescale_and_normalize(pixels, images.do_rescale, images.rescale_factor, images.do_normalize,
+                                            hashable(images.image_mean), hashable(images.image_std))
 
     def _unbatch(self, out) -> dict[str, Any]:
         pixels = out.get("pixel_values") if hasattr(out, "get") else None
