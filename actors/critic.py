@@ -72,7 +72,18 @@ class CriticWorker(WorkerBase):
         finally:
             self.model.train()
 
+    def score_rows(self, share) -> list[list[float]]:
+        """V(s_t) of each row of a RowsShare (vlrlhf.rows), over its completion tokens."""
+        from vlrlhf.rows import score_share
+
+        return score_share(self.adapter, share, self.values)
+
     def train_step(self, micro_batches: list[ValueBatch], normaliser: float) -> dict:
+        """One optimizer step over this worker's micro-batches, or a RowsShare it builds them from."""
+        if not isinstance(micro_batches, list):
+            from vlrlhf.rows import micro_batches as collated
+
+            micro_batches = collated(self.adapter, micro_batches)
         sums = []
         for micro in micro_batches:
             loss, metrics = value_micro_step(self.adapter, self.model, self.head, micro.to(self.device),

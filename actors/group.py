@@ -130,7 +130,8 @@ class ActorGroup:
     `share`: an existing group whose bundles this one's workers join (worker i on bundle i)."""
 
     def __init__(self, worker_class: type, resources: GroupSpec, *, name: str, args: tuple = (),
-                 kwargs: dict | None = None, reserve: dict | None = None, share: ActorGroup | None = None):
+                 kwargs: dict | None = None, reserve: dict | None = None, share: ActorGroup | None = None,
+                 connect: bool = True):
         self.name = name
         self.num_workers = resources.num_workers
         self.local = None
@@ -165,6 +166,16 @@ class ActorGroup:
                                               name=f"{name}-{index}-{id(self)}").remote(*args, **kwargs))
         for actor in self.actors:  # before the process group exists (calls on an actor run in order)
             actor.set_collective_timeout.remote(SETTINGS.collective_timeout_s)
+        if connect:
+            self.connect()
+
+    def connect(self) -> None:
+        """Wait for the workers (their processes start and load their models in the background
+        from the moment the group is placed) and join them in one torch.distributed group.
+        `ActorGroup(..., connect=False)` leaves this to the caller, who may start other work
+        (the data pipeline) on the room the placement left meanwhile."""
+        if self.local is not None or not self.actors:
+            return
         master, port = self.get([self.actors[0].address.remote()])[0]
         self.get([actor.setup_distributed.remote(master, port, rank, self.num_workers)
                   for rank, actor in enumerate(self.actors)])

@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import pathlib
+import time
 
 import torch
 
@@ -25,6 +26,9 @@ from actors.weight_sync import merged_state, send_staged, state_manifest, weight
 from vlrlhf.config import AlgorithmSpec, ModelSpec, TrainerSpec
 from vlrlhf.models.registry import load_adapter
 from vlrlhf.data.pipeline import KTOBatch
+from vlrlhf.data.shares import Prefetcher
+from vlrlhf.rows import RowsShare, score_share
+from vlrlhf.rows import micro_batches as collated
 from vlrlhf.losses.preference import RunningMean
 from vlrlhf.training import (dpo_micro_step, dpo_step_statistics, kto_micro_step, kto_step_reference_point,
                              move_pairs, reward_micro_step, rl_micro_step, sft_micro_step, uses_batch_statistics)
@@ -74,6 +78,7 @@ class PolicyWorker(WorkerBase):
         self.step = 0
         self.bco_baseline = RunningMean()  # bco_pair's delta: one per job, saved with checkpoints
         self.deepspeed = None  # DeepSpeedStrategy, built in setup_distributed (it needs the world size)
+        self.prefetcher = Prefetcher()  # the next step's share, loaded while this one computes
 
     def setup_distributed(self, master, port, rank, world_size):
         import torch.distributed as dist
@@ -145,35 +150,38 @@ class PolicyWorker(WorkerBase):
                          micro.desirable)
         return kto_micro_step(self.adapter, self.model, batch, reference, self.algorithm, normaliser, statistics)
 
-    def _from_share(self, share, normaliser: float | None) -> tuple[list, list | None, float, int]:
+    def _from_share(self, share, normaliser: float | None, upcoming=None) -> tuple[list, list | None, float, dict]:
         """A Share of pipeline rows -> collated micro-batches, their reference log-probs, the
-        global normaliser (token-mean SFT: label tokens summed over every worker) and the
-        largest order key consumed (the driver's resume point)."""
-        from vlrlhf.data.pipeline import collate_items
-        from vlrlhf.data.shares import load_share
-
-        items, values, weight, last_key = load_share(share)
-        size = share.micro_batch_size
-        chunks = [items[start:start + size] for start in range(0, len(items), size)]
-        micro_batches = [collate_items(self.adapter, chunk) for chunk in chunks]
-        reference = reference_for_share(self, share, micro_batches, chunks, values)
+        global normaliser (token-mean SFT: label tokens summed over every worker) and what the
+        driver logs: the largest order key consumed (its resume point) and the seconds this step
+        waited for its rows to be fetched, unpickled and collated (part of time/data_wait_s).
+        `upcoming`: the next step's share, loaded in the background meanwhile."""
+        started = time.perf_counter()
+        loaded = self.prefetcher.load(share, self.adapter)
+        logged = {"last_key": loaded.last_key, "load_s": time.perf_counter() - started}
+        self.prefetcher.start(upcoming, self.adapter)
+        micro_batches = loaded.micro_batches
+        reference = reference_for_share(self, share, micro_batches, loaded.chunks, loaded.values)
         if normaliser is None:  # this worker's weight, summed over the data-parallel group
-            total = torch.tensor([weight], dtype=torch.float64)
+            # on the collective's device: NCCL takes CUDA tensors only
+            total = torch.tensor([loaded.weight], dtype=torch.float64, device=self.device)
             if self.world_size > 1:
                 import torch.distributed as dist
 
                 dist.all_reduce(total)
             normaliser = float(total.item())
-        return micro_batches, reference, normaliser, last_key
+        return micro_batches, reference, normaliser, logged
 
-    def train_step(self, micro_batches, reference, normaliser: float | None) -> dict:
+    def train_step(self, micro_batches, reference, normaliser: float | None, upcoming=None) -> dict:
         """One optimizer step over this worker's micro-batches (or its Share of the step's
-        pipeline rows); returns metric sums."""
-        last_key = None
-        if not isinstance(micro_batches, list):
-            micro_batches, reference, normaliser, last_key = self._from_share(micro_batches, normaliser)
-        result = self._train_step(micro_batches, reference, normaliser)
-        return result | ({"last_key": last_key} if last_key is not None else {})
+        pipeline rows; `upcoming`: the next step's share, to load while this one computes);
+        returns metric sums."""
+        logged = {}
+        if isinstance(micro_batches, RowsShare):  # online: rollout rows, built and collated here
+            micro_batches = collated(self.adapter, micro_batches)
+        elif not isinstance(micro_batches, list):
+            micro_batches, reference, normaliser, logged = self._from_share(micro_batches, normaliser, upcoming)
+        return self._train_step(micro_batches, reference, normaliser) | logged
 
     def _train_step(self, micro_batches: list, reference, normaliser: float) -> dict:
         reference = resolve(reference)
@@ -216,6 +224,10 @@ class PolicyWorker(WorkerBase):
         finally:
             self.model.train()
         return {"sums": sums}
+
+    def score_rows(self, share: RowsShare) -> list[list[float]]:
+        """Reference log-probs (LoRA disabled) of each row of a RowsShare, over its completion tokens."""
+        return score_share(self.adapter, share, self.logprobs)
 
     @torch.no_grad()
     def logprobs(self, micro_batches: list) -> list:

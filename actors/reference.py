@@ -40,6 +40,12 @@ class ReferenceWorker(WorkerBase):
     def logprobs(self, micro_batches: list) -> list:
         return reference_logps(self.adapter, self.model, micro_batches, self.device)
 
+    def score_rows(self, share) -> list[list[float]]:
+        """Reference log-probs of each row of a RowsShare (vlrlhf.rows), over its completion tokens."""
+        from vlrlhf.rows import score_share
+
+        return score_share(self.adapter, share, self.logprobs)
+
 
 # ---------------------------------------------------------------- the reference as a pipeline stage
 
@@ -100,11 +106,15 @@ class ReferenceStage:
 
         from vlrlhf.data.pipeline import collate_items
 
-        items = [pickle.loads(payload) for payload in batch["payload"]]
+        kept = [index for index, payload in enumerate(batch["payload"]) if payload]  # empty: failed to encode
+        items = [pickle.loads(batch["payload"][index]) for index in kept]
         values = []
         for start in range(0, len(items), self.micro_batch_size):
             chunk = items[start:start + self.micro_batch_size]
             (output,) = self.worker.logprobs([collate_items(self.worker.adapter, chunk)])
             values += row_values(output, len(chunk))
-        batch["reference"] = np.array([pickle.dumps(v) for v in values], dtype=object)
+        column = [pickle.dumps(None)] * len(batch["payload"])
+        for index, value in zip(kept, values, strict=True):
+            column[index] = pickle.dumps(value)
+        batch["reference"] = np.array(column, dtype=object)
         return batch

@@ -6,8 +6,10 @@
 An item is the prompt chat, its images and a completion's text. The worker encodes
 them with its own adapter, so a reward model of another family (or tokenizer) than
 the policy works; the score is read at the last non-pad token (vlrlhf.models.value_head).
-Rule-based rewards (exact match, numeric, format...) are plain functions run by the
-driver (vlrlhf.rewards); this role is for models.
+Online jobs call `score_rows` with the step's prompts by reference: the worker fetches
+their records and loads their images itself. Rule-based rewards (exact match, numeric,
+format...) are plain functions run by the driver on the completions' text and the
+prompts' answers (vlrlhf.rewards); this role is for models.
 """
 
 from __future__ import annotations
@@ -35,6 +37,23 @@ class RewardModelWorker(WorkerBase):
         self.head = load_head(path).to(self.device).eval()
         self.micro_batch_size = micro_batch_size
         self.path = path
+
+    def score_rows(self, share, settings) -> list[float]:
+        """Scores of the rows of a RowsShare (vlrlhf.rows): each row's prompt chat and images (loaded
+        here, from the sources in its record: `settings` gives image_root and max_pixels) and its
+        completion's text. The reward model's own processor encodes them (it may be another family)."""
+        from vlrlhf.data.images import load_image
+        from vlrlhf.rows import step_prompts
+
+        records = [item.record for item in step_prompts(share.prompts)]
+        loaded = {}
+        for row in share.rows:
+            if row.request not in loaded:
+                loaded[row.request] = [load_image(source, image_root=settings.image_root,
+                                                  max_pixels=settings.max_pixels)
+                                       for source in records[row.request].images]
+        return self.score([{"messages": [m.model_dump() for m in records[row.request].prompt],
+                            "images": loaded[row.request], "completion": row.text} for row in share.rows])
 
     @torch.no_grad()
     def score(self, items: list[dict]) -> list[float]:

@@ -20,9 +20,13 @@ chat rendered as text and expands the image placeholders itself; its prompt toke
 are checked against the adapter's (handing it pre-expanded token ids makes it expand
 the image tokens a second time).
 
-`start_rollout(rollout, requests, sampling)` splits the prompts across the group's
-engines (contiguous shares whose sizes differ by at most one, a seed of its own per
-engine) and `collect_rollout` gathers the samples back in prompt order. `logprobs`
+`start_rollout(rollout, prompts, sampling, settings)` splits a step's prompts (block
+slices of the prompt pipeline's records) across the group's engines (contiguous shares
+whose sizes differ by at most one, a seed of its own per engine); each engine fetches
+its prompts, loads their images and encodes them once, puts the encodings in the object
+store for the roles that score and train on them, and samples; `collect_rollout`
+gathers the samples back in prompt order with the prompts' records (for the rule
+rewards) and the encodings' references. `logprobs`
 scores given completions under an engine's current weights (checks of the weight sync).
 
 `RolloutWorker` is the role on an ActorGroup; `actors.weight_sync.sync_weights(policy, rollout)` moves
@@ -80,7 +84,9 @@ class TransformersEngine:
         self.device = next(self.model.parameters()).device
 
     def encode(self, requests: list[dict]):
-        return [self.adapter.encode_prompt(r["messages"], r.get("images") or []) for r in requests]
+        """The prompts' encodings (a request from the prompt pipeline brings its own: `encoded`)."""
+        return [r.get("encoded") or self.adapter.encode_prompt(r["messages"], r.get("images") or [])
+                for r in requests]
 
     @torch.no_grad()
     def generate(self, requests: list[dict], sampling: Sampling) -> list[Sample]:
@@ -183,7 +189,8 @@ class VLLMEngine:
             if images:
                 prompt["multi_modal_data"] = {"image": list(images)}
             prompts.append(prompt)
-            expected.append(self.adapter.encode_prompt(request["messages"], images).input_ids)
+            expected.append((request.get("encoded") or self.adapter.encode_prompt(request["messages"], images)
+                             ).input_ids)
         banned = {token: -100.0 for token in self.adapter.placeholder_token_ids()}  # never sample an image token
         params = SamplingParams(n=sampling.n, temperature=max(sampling.temperature, 0.0), top_p=sampling.top_p,
                                 max_tokens=sampling.max_tokens, logprobs=0, seed=sampling.seed,
@@ -272,6 +279,18 @@ class RolloutWorker(WorkerBase):
     def generate(self, requests: list[dict], sampling: Sampling) -> list[Sample]:
         return self.engine.generate(requests, sampling)
 
+    def prompts(self, slices: list, settings, sink=None) -> StepPrompts:
+        """A step's share of prompt records (block slices of the prompt pipeline): their images
+        loaded and the prompts encoded here, once; the encodings go to the object store for every
+        role that scores or trains on them (one copy of the pixels per prompt)."""
+        return encode_prompts(self.engine.adapter, slices, settings, sink)
+
+    def rollout(self, slices: list, sampling: Sampling, settings, sink=None) -> RolloutResult:
+        """Sample a step's share of prompts (block slices of the prompt pipeline's records)."""
+        prompts = self.prompts(slices, settings, sink)
+        samples = self.generate(prompts.requests, sampling) if prompts.requests else []
+        return RolloutResult(samples, prompts.records, prompts.last_key, prompts.ref)
+
     def logprobs(self, requests: list[dict], completions: list[list[int]]) -> list[list[float]]:
         return self.engine.logprobs(requests, completions)
 
@@ -296,6 +315,56 @@ class RolloutWorker(WorkerBase):
         self.engine.wake_up()
 
 
+@dataclasses.dataclass
+class RolloutResult:
+    """What the driver gets back from a rollout: numbers, text and references, never a tensor."""
+
+    samples: list[Sample]  # request: the prompt's index among the kept prompts
+    records: list  # each kept prompt's record without its images (rule rewards read answers and metadata)
+    last_key: int  # the largest order key of the share's prompts (the driver's resume point)
+    prompts: list  # ObjectRefs of the kept prompts' encodings (lists of EncodedItem), in order
+
+
+@dataclasses.dataclass
+class StepPrompts:
+    requests: list[dict]  # engine requests: chat, loaded images, encoding
+    records: list  # the kept prompts' records without their images
+    last_key: int
+    ref: list  # [ObjectRef of the kept prompts' EncodedItems]
+
+
+def encode_prompts(adapter, slices: list, settings, sink=None) -> StepPrompts:
+    """Prompt records -> engine requests and their encodings, put in the object store. A prompt
+    whose image does not load or that is too long after image expansion is a bad record: raised
+    (file, row, reason), or reported to the job's ledger and left out of the step (`sink`)."""
+    import pickle
+
+    import ray
+
+    from vlrlhf.data.images import load_image
+    from vlrlhf.data.pipeline import EncodedItem, skip_or_raise
+    from vlrlhf.data.shares import load_rows
+    from vlrlhf.errors import ReasonError
+
+    requests, items, records, bad, last_key = [], [], [], [], -1
+    for row in load_rows(slices, ("record", "key")):
+        record, _ = pickle.loads(row["record"])
+        last_key = max(last_key, int(row["key"]))
+        messages = [m.model_dump() for m in record.prompt]
+        try:
+            images = [load_image(source, image_root=settings.image_root, max_pixels=settings.max_pixels)
+                      for source in record.images]
+            encoded = adapter.encode_prompt(messages, images, max_length=settings.max_length, record=record.id)
+        except ReasonError as error:
+            bad.append((record.id, error.reason, str(error), "encode"))
+            continue
+        requests.append({"messages": messages, "images": images, "encoded": encoded})
+        items.append(EncodedItem(int(row["key"]), record.id, record, encoded))
+        records.append(record.model_copy(update={"images": []}))
+    skip_or_raise(sink, bad)
+    return StepPrompts(requests, records, last_key, [ray.put(items)])
+
+
 def shares(count: int, parts: int) -> list[range]:
     """0..count-1 split into `parts` contiguous ranges whose sizes differ by at most one."""
     size, extra = divmod(count, parts)
@@ -307,22 +376,36 @@ def engine_seed(seed: int | None, engine: int) -> int | None:
     return None if seed is None else seed + engine * ENGINE_SEED_STRIDE
 
 
-def start_rollout(rollout, requests: list[dict], sampling: Sampling) -> list[tuple[int, object]]:
-    """Each engine of the group samples its share of the requests, with a seed of its own.
-    Returns (index of the share's first request, ObjectRef or samples) per engine with work."""
+def prompt_shares(prompts: list, parts: int) -> list[list]:
+    """A step's prompt slices split into `parts` contiguous runs whose sizes differ by at most one."""
+    from vlrlhf.data.stream import RowStream, rows_in
+
+    rows = RowStream(iter(prompts))
+    return [rows.take(len(share)) for share in shares(rows_in(prompts), parts)]
+
+
+def start_rollout(rollout, prompts: list, sampling: Sampling, settings, sink=None) -> list:
+    """Each engine of the group samples its share of the step's prompts (block slices of the
+    prompt pipeline's records), with a seed of its own. Returns an ObjectRef or RolloutResult
+    per engine with work."""
     calls = []
-    for engine, share in enumerate(shares(len(requests), rollout.world_size)):
-        if len(share):
+    for engine, share in enumerate(prompt_shares(prompts, rollout.world_size)):
+        if share:
             own = dataclasses.replace(sampling, seed=engine_seed(sampling.seed, engine))
-            calls.append((share.start, rollout.call(engine, "generate", requests[share.start:share.stop], own)))
+            calls.append(rollout.call(engine, "rollout", share, own, settings, sink))
     return calls
 
 
-def collect_rollout(rollout, calls: list[tuple[int, object]]) -> list[Sample]:
-    """The engines' samples in request order (each share's request indices made global)."""
-    parts = rollout.get([call for _, call in calls])
-    return [dataclasses.replace(sample, request=sample.request + start)
-            for (start, _), samples in zip(calls, parts, strict=True) for sample in samples]
+def collect_rollout(rollout, calls: list) -> RolloutResult:
+    """The engines' samples in prompt order (each share's prompt indices made global over the
+    kept prompts), the prompts' records, the largest key and the encodings' references."""
+    parts = rollout.get(calls)
+    samples, offset = [], 0
+    for part in parts:
+        samples += [dataclasses.replace(sample, request=sample.request + offset) for sample in part.samples]
+        offset += len(part.records)
+    return RolloutResult(samples, [record for part in parts for record in part.records],
+                         max(part.last_key for part in parts), [ref for part in parts for ref in part.prompts])
 
 
 def with_completion(prompt, token_ids: list[int]):

@@ -1,18 +1,31 @@
-"""The data plane, measured: encode throughput, and what the driver holds during training.
+"""The data plane, measured: encode throughput and its scaling, and what a training run holds.
 
-    .venv/bin/python benchmarks/pipeline_throughput.py encode [--pairs 800]
-    .venv/bin/python benchmarks/pipeline_throughput.py driver [--sizes 2000 20000] [--steps 20]
+    .venv/bin/python benchmarks/pipeline_throughput.py encode [--pairs 2000]
+    .venv/bin/python benchmarks/pipeline_throughput.py scaling [--pairs 3000] [--nodes 1 2]
+    .venv/bin/python benchmarks/pipeline_throughput.py driver [--sizes 500 5000] [--steps 20] [--shape rlaifv]
+    .venv/bin/python benchmarks/pipeline_throughput.py online [--sizes 2000 20000] [--steps 8]
 
-`encode`: the same synthetic preference pairs through the pipeline's read/convert/sort/
-encode stages with 1 and with 2 encode tasks at once (data.pipeline_cpus), against a
-single-process loop (the peer) measured in the same run; pairs/s of each.
+`encode`: the same synthetic preference pairs through the pipeline (window readers and
+warm encoders, the seeded windowed order) with 1 and with 2 encoders, against a
+single-process loop (the peer) measured in the same run: pairs/s of each, from the first
+encoded block to the last (the encoders warm), and the start-up (first block) apart.
+
+`scaling`: the pipeline on a `ray.cluster_utils.Cluster` with a 0-CPU head and 1, then 2
+worker nodes of 2 CPUs (data.pipeline_cpus = every worker CPU): rows/s and the cluster's
+CPU-seconds per encoded row from the first block to the last (flat = no per-row cost
+grows with the cluster).
+
+`online`: a tiny-LLaVA GRPO run (configs/demo_grpo.yaml, policy and rollout engine on Ray
+workers) on N image prompts for each N in --sizes, each in a fresh process: the driver's
+peak RSS (the prompts stream through the pipeline; the driver holds a step's references).
 
 `driver`: a tiny-LLaVA DPO run (`vlrlhf run configs/demo_dpo.yaml`, policy on a Ray
-worker) on N synthetic pairs for each N in --sizes, each in a fresh process: the
-driver's peak RSS, the peak memory of the whole process tree (driver, Ray's own processes,
-workers) as the sum of RSS and as the sum of PSS (shared library pages counted once), and
-the driver's share of the tree's CPU time from the first logged step to the end (training,
-the final evaluation and the checkpoint).
+worker) on N pairs for each N in --sizes, each in a fresh process: the driver's peak RSS,
+the peak memory of the whole process tree (driver, Ray's own processes, workers, the
+object store) as the sum of RSS and as the sum of PSS (shared pages counted once), and
+the driver's share of the tree's CPU time from the first logged step to the end.
+`--shape shapes`: the bundled shapes pairs (56 px PNG files); `rlaifv`: RLAIF-V's layout,
+Parquet files with the images inside (448 px JPEG bytes, ~100 KB each).
 """
 
 from __future__ import annotations
@@ -32,24 +45,47 @@ ENV = {"RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0", "RAY_ENABLE_
        "TOKENIZERS_PARALLELISM": "false", "VLRLHF_DASHBOARD": "0"}
 
 
-def encode(pairs: int) -> None:
-    os.environ.update(ENV)
-    import ray
-
-    from vlrlhf.data.pipeline import (EncodeSettings, PipelineResources, RecordSource, encode_record,
-                                      encoded_dataset, epoch_dataset, record_dataset)
-    from vlrlhf.data.reader import read_records
-    from vlrlhf.data.sources import expand_sources
+def pairs_and_model(pairs: int):
     from vlrlhf.data.synthetic import synthesize
-    from vlrlhf.models.registry import load_adapter
     from vlrlhf.models.tiny import build_tiny_model
 
     folder = pathlib.Path(tempfile.mkdtemp())
     synthesize(folder / "data", ("preference",), num_train=pairs, num_test=1)
-    model = build_tiny_model("llava", folder / "model")
+    return folder, build_tiny_model("llava", folder / "model")
+
+
+def timed_stream(dataset, cpu=None) -> dict:
+    """Consume an encoded dataset as the trainer does (Stream, RowStream): seconds to the first
+    block, rows and seconds (and `cpu()` seconds, if given) from the first block to the last."""
+    from vlrlhf.data.stream import Stream, rows_in
+
+    started = time.perf_counter()
+    stream = Stream(dataset)
+    stream.rows.take(1)
+    warm, warm_cpu = time.perf_counter(), cpu() if cpu else 0.0
+    rows = 0  # after the first: the encoders are warm
+    while piece := stream.rows.take(64):
+        rows += rows_in(piece)
+    ended = time.perf_counter()
+    stream.close()
+    return {"startup_s": warm - started, "rows": rows, "steady_s": ended - warm,
+            "cpu_s": (cpu() - warm_cpu) if cpu else 0.0}
+
+
+def encode(pairs: int) -> None:
+    os.environ.update(ENV)
+    import ray
+
+    from vlrlhf.data.order import plan_windows
+    from vlrlhf.data.pipeline import (EncodeSettings, PipelineResources, RecordSource, count_records, encode_record,
+                                      encoded_dataset, record_dataset)
+    from vlrlhf.data.reader import read_records
+    from vlrlhf.data.sources import expand_sources
+    from vlrlhf.models.registry import load_adapter
+
+    folder, model = pairs_and_model(pairs)
     settings = EncodeSettings(model_path=str(model), task="preference", image_root=str(folder / "data"))
     path = str(folder / "data" / "preference.json")
-
     adapter = load_adapter(model)
     records = read_records(path, "plain_dpo")
     started = time.perf_counter()
@@ -60,18 +96,97 @@ def encode(pairs: int) -> None:
     ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="ERROR")
     ray.data.DataContext.get_current().enable_progress_bars = False
     source = RecordSource(tuple(expand_sources(path)), "plain_dpo")
-    rates = {}
-    for tasks in (1, 2, 1, 2):  # alternating, the second of each counts (warm workers)
-        dataset = encoded_dataset(epoch_dataset(record_dataset(source), 0, 0, rows=pairs), settings,
-                                  resources=PipelineResources(1.0, tasks))
-        started = time.perf_counter()
-        count = dataset.count()
-        rates[tasks] = count / (time.perf_counter() - started)
+    windows = plan_windows(count_records(source), 0, range(0, 1), 1024)
+    runs = {}
+    for encoders in (1, 2, 1, 2):  # alternating; the second of each counts
+        resources = PipelineResources(encoders=encoders, encoder_cpus=1.75 / encoders)
+        runs[encoders] = timed_stream(encoded_dataset(record_dataset(source, windows, resources), settings,
+                                                      resources=resources))
     ray.shutdown()
-    print(f"tiny llava, {pairs} preference pairs, read + convert + sort + encode")
-    print(f"single-process loop     {single:8.1f} pairs/s")
-    for tasks, rate in rates.items():
-        print(f"pipeline, {tasks} encode task(s) {rate:8.1f} pairs/s   ({rate / single:.2f}x the loop)")
+    print(f"tiny llava, {pairs} preference pairs, read + window order + encode, 2 CPUs")
+    print(f"single-process loop       {single:8.1f} pairs/s")
+    for encoders, run in runs.items():
+        rate = run["rows"] / run["steady_s"]
+        print(f"pipeline, {encoders} encoder(s)    {rate:8.1f} pairs/s   ({rate / single:.2f}x the loop; "
+              f"first block after {run['startup_s']:.1f} s)")
+
+
+def cluster_cpu(cluster_processes) -> float:
+    import psutil
+
+    total = 0.0
+    for process in cluster_processes():
+        try:
+            times = process.cpu_times()
+            total += times.user + times.system
+        except psutil.Error:
+            pass
+    return total
+
+
+def scaling(pairs: int, node_counts: list[int]) -> None:
+    os.environ.update(ENV)
+    import psutil
+    import ray
+    from ray.cluster_utils import Cluster
+
+    from jobs.common import pipeline_resources
+    from vlrlhf.data.order import plan_windows
+    from vlrlhf.data.pipeline import EncodeSettings, RecordSource, count_records, encoded_dataset, record_dataset
+    from vlrlhf.data.sources import expand_sources
+
+    folder, model = pairs_and_model(pairs)
+    settings = EncodeSettings(model_path=str(model), task="preference", image_root=str(folder / "data"))
+    me = psutil.Process()
+    rows = []
+    for nodes in node_counts:
+        cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0})
+        for _ in range(nodes):
+            cluster.add_node(num_cpus=2)
+        ray.init(address=cluster.address, logging_level="ERROR")
+        ray.data.DataContext.get_current().enable_progress_bars = False
+        source = RecordSource(tuple(expand_sources(str(folder / "data" / "preference.json"))), "plain_dpo")
+        windows = plan_windows(count_records(source), 0, range(0, 1), 256)  # windows for every reader
+        resources = pipeline_resources(2.0 * nodes)
+        run = timed_stream(encoded_dataset(record_dataset(source, windows, resources), settings,
+                                           resources=resources), cpu=lambda: cluster_cpu(
+            lambda: me.children(recursive=True)))
+        ray.shutdown()
+        cluster.shutdown()
+        rows.append((nodes, resources, run))
+    print(f"tiny llava, {pairs} preference pairs, 0-CPU head + worker nodes of 2 CPUs (one machine)")
+    print(f"{'worker nodes':>12}{'encoders':>10}{'readers':>9}{'rows/s':>9}{'CPU-ms per row':>16}")
+    for nodes, resources, run in rows:
+        print(f"{nodes:>12}{resources.encoders:>10}{resources.readers:>9}{run['rows'] / run['steady_s']:>9.1f}"
+              f"{1000 * run['cpu_s'] / run['rows']:>16.2f}")
+
+
+def rlaifv_parquet(folder: pathlib.Path, pairs: int) -> pathlib.Path:
+    """RLAIF-V's layout (question, chosen, rejected, image {bytes, path}) in Parquet shards of 500
+    rows (one row group each), with 448 px JPEG images of noise and shapes (~100 KB)."""
+    import io
+    import random
+
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    from PIL import Image
+
+    out = folder / "rlaifv"
+    out.mkdir(parents=True)
+    rng = random.Random(0)
+    base = np.random.default_rng(0).integers(0, 255, (448, 448, 3), dtype=np.uint8)
+    for shard in range(0, pairs, 500):
+        rows = []
+        for index in range(shard, min(pairs, shard + 500)):
+            pixels = np.roll(base, rng.randrange(448), axis=rng.randrange(2))
+            buffer = io.BytesIO()
+            Image.fromarray(pixels).save(buffer, format="JPEG", quality=60)
+            colour = rng.choice(["red", "green", "blue"])
+            rows.append({"question": f"Describe the picture {index}.", "chosen": f"A {colour} pattern.",
+                         "rejected": "A cat.", "image": {"bytes": buffer.getvalue(), "path": f"{index}.jpg"}})
+        pq.write_table(pa.Table.from_pylist(rows), out / f"train-{shard // 500:05d}.parquet")
+    return out
 
 
 def tree_memory(process) -> tuple[int, int, dict]:
@@ -111,8 +226,8 @@ def tree_cpu(process) -> tuple[float, float]:
     return driver, total
 
 
-def measure_run(pairs: int, steps: int) -> dict:
-    """Run in this process: synthesize, then train while a thread samples memory and CPU."""
+def measure_run(pairs: int, steps: int, shape: str) -> dict:
+    """Run in this process: make the data, then train while a thread samples memory and CPU."""
     import psutil
 
     os.environ.update(ENV)
@@ -120,7 +235,11 @@ def measure_run(pairs: int, steps: int) -> dict:
     from vlrlhf.data.synthetic import synthesize
 
     folder = pathlib.Path(tempfile.mkdtemp())
-    synthesize(folder / "data", ("preference",), num_train=pairs, num_test=1)
+    if shape == "rlaifv":
+        data = [f"data.train={rlaifv_parquet(folder, pairs)}", "data.format=rlaifv"]
+    else:
+        synthesize(folder / "data", ("preference",), num_train=pairs, num_test=1)
+        data = [f"data.train={folder / 'data' / 'preference.json'}", f"data.image_root={folder / 'data'}"]
     me = psutil.Process()
     peaks = {"driver": 0, "tree": 0, "tree_pss": 0, "by_process": {}}
     done = threading.Event()
@@ -142,8 +261,7 @@ def measure_run(pairs: int, steps: int) -> dict:
     sampler.start()
     started = time.perf_counter()
     code = run_job(str(ROOT / "configs" / "demo_dpo.yaml"), [
-        f"data.train={folder / 'data' / 'preference.json'}", "data.eval=[]", f"data.image_root={folder / 'data'}",
-        f"trainer.max_steps={steps}", "trainer.eval_every=0", f"checkpoint.dir={folder / 'ck'}"],
+        *data, "data.eval=[]", f"trainer.max_steps={steps}", "trainer.eval_every=0", f"checkpoint.dir={folder / 'ck'}"],
         run_dir=str(folder / "run"))
     wall = time.perf_counter() - started
     ended_cpu = tree_cpu(me)
@@ -158,17 +276,62 @@ def measure_run(pairs: int, steps: int) -> dict:
             "driver_cpu_share": driver_cpu / max(tree_total, 1e-9)}
 
 
-def driver(sizes: list[int], steps: int) -> None:
+def measure_online(prompts: int, steps: int) -> dict:
+    """A GRPO run in this process with the policy and the engine on Ray workers; the driver's peak RSS."""
+    import psutil
+
+    os.environ.update(ENV)
+    from jobs.run import run_job
+    from vlrlhf.data.synthetic import synthesize
+
+    folder = pathlib.Path(tempfile.mkdtemp())
+    synthesize(folder / "data", ("prompts",), num_train=prompts, num_test=1)
+    me, peak, done = psutil.Process(), [0], threading.Event()
+
+    def sample():
+        while not done.is_set():
+            peak[0] = max(peak[0], me.memory_info().rss)
+            time.sleep(0.2)
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    code = run_job(str(ROOT / "configs" / "demo_grpo.yaml"), [
+        f"data.train={folder / 'data' / 'prompts.jsonl'}", f"data.image_root={folder / 'data'}",
+        f"trainer.max_steps={steps}", f"checkpoint.dir={folder / 'ck'}", "resources.policy={num_workers: 1, cpus: 0.5}",
+        "resources.rollout={num_workers: 1, cpus: 0.25}", "online.kl_coef=0"], run_dir=str(folder / "run"))
+    done.set()
+    sampler.join()
+    return {"prompts": prompts, "code": code, "driver_peak_mb": peak[0] / 2**20}
+
+
+def online(sizes: list[int], steps: int) -> None:
+    rows = []
+    for prompts in sizes:  # a fresh process each
+        out = subprocess.run([sys.executable, __file__, "_online", str(prompts), str(steps)], capture_output=True,
+                             text=True, cwd=ROOT, env={**os.environ, **ENV})
+        line = [x for x in out.stdout.splitlines() if x.startswith("RESULT ")]
+        if not line:
+            print(out.stdout[-2000:], out.stderr[-4000:])
+            raise SystemExit(f"run with {prompts} prompts failed")
+        rows.append(json.loads(line[-1][len("RESULT "):]))
+    print(f"tiny-LLaVA GRPO, {steps} steps, policy and rollout engine on Ray workers, image prompts")
+    for row in rows:
+        print(f"{row['prompts']:>7} prompts   driver peak RSS {row['driver_peak_mb']:7.0f} MB")
+    ratio = rows[-1]["driver_peak_mb"] / rows[0]["driver_peak_mb"]
+    print(f"driver peak RSS, largest / smallest prompt set: {ratio:.3f}x")
+
+
+def driver(sizes: list[int], steps: int, shape: str) -> None:
     rows = []
     for pairs in sizes:  # a fresh process each: peaks are per run
-        out = subprocess.run([sys.executable, __file__, "_run", str(pairs), str(steps)], capture_output=True,
+        out = subprocess.run([sys.executable, __file__, "_run", str(pairs), str(steps), shape], capture_output=True,
                              text=True, cwd=ROOT, env={**os.environ, **ENV})
         line = [x for x in out.stdout.splitlines() if x.startswith("RESULT ")]
         if not line:
             print(out.stdout[-2000:], out.stderr[-4000:])
             raise SystemExit(f"run with {pairs} pairs failed")
         rows.append(json.loads(line[-1][len("RESULT "):]))
-    print(f"tiny-LLaVA DPO, {steps} steps, policy on a Ray worker, reference in it")
+    print(f"tiny-LLaVA DPO, {steps} steps, policy on a Ray worker, reference in it, {shape} data")
     print(f"{'pairs':>7}{'driver peak MB':>16}{'tree RSS sum MB':>17}{'tree PSS sum MB':>17}"
           f"{'driver CPU share':>18}{'wall s':>8}")
     for row in rows:
@@ -182,20 +345,34 @@ def driver(sizes: list[int], steps: int) -> None:
 
 def main() -> None:
     if len(sys.argv) > 1 and sys.argv[1] == "_run":
-        print("RESULT " + json.dumps(measure_run(int(sys.argv[2]), int(sys.argv[3]))), flush=True)
+        print("RESULT " + json.dumps(measure_run(int(sys.argv[2]), int(sys.argv[3]), sys.argv[4])), flush=True)
+        return
+    if len(sys.argv) > 1 and sys.argv[1] == "_online":
+        print("RESULT " + json.dumps(measure_online(int(sys.argv[2]), int(sys.argv[3]))), flush=True)
         return
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(dest="command", required=True)
     one = commands.add_parser("encode")
-    one.add_argument("--pairs", type=int, default=800)
-    two = commands.add_parser("driver")
-    two.add_argument("--sizes", type=int, nargs="+", default=[2000, 20000])
-    two.add_argument("--steps", type=int, default=20)
+    one.add_argument("--pairs", type=int, default=2000)
+    two = commands.add_parser("scaling")
+    two.add_argument("--pairs", type=int, default=3000)
+    two.add_argument("--nodes", type=int, nargs="+", default=[1, 2])
+    three = commands.add_parser("driver")
+    three.add_argument("--sizes", type=int, nargs="+", default=[500, 5000])
+    three.add_argument("--steps", type=int, default=20)
+    three.add_argument("--shape", choices=("shapes", "rlaifv"), default="rlaifv")
+    four = commands.add_parser("online")
+    four.add_argument("--sizes", type=int, nargs="+", default=[2000, 20000])
+    four.add_argument("--steps", type=int, default=8)
     args = parser.parse_args()
-    if args.command == "encode":
+    if args.command == "online":
+        online(args.sizes, args.steps)
+    elif args.command == "encode":
         encode(args.pairs)
+    elif args.command == "scaling":
+        scaling(args.pairs, args.nodes)
     else:
-        driver(args.sizes, args.steps)
+        driver(args.sizes, args.steps, args.shape)
 
 
 if __name__ == "__main__":

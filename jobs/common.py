@@ -4,38 +4,80 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import pathlib
 import time
 
 from vlrlhf.config import JobSpec
-from vlrlhf.data.pipeline import BadRows, EncodeSettings, PipelineResources, RecordSource, collate_items, record_dataset
+from vlrlhf.data.order import Window, plan_windows
+from vlrlhf.data.pipeline import (READ_CPUS, BadRows, EncodeSettings, PipelineResources, RecordSource, collate_items,
+                                  count_records, record_dataset)
 
-TASK_OF = {"sft": "sft", "dpo": "preference", "kto": "kto", "reward": "preference"}
+TASK_OF = {"sft": "sft", "dpo": "preference", "kto": "kto", "reward": "preference", "grpo": "prompt",
+           "rloo": "prompt", "reinforce_pp": "prompt", "ppo": "prompt"}
 
 
 # ---------------------------------------------------------------- data
 
 @dataclasses.dataclass
 class JobData:
-    """The job's data as Ray Data datasets of converted records (nothing held in the driver)."""
+    """The job's data as sources, per-unit record counts and encode settings (the driver holds
+    numbers, never records); `stream` and `held_out` make the Ray Data datasets."""
 
-    train: object  # ray.data.Dataset of (id, record) rows
-    held_out: object | None
-    num_train: int
-    num_held_out: int
+    train: RecordSource
+    train_counts: list[int]  # records of each read unit of the train split
+    held_out_source: RecordSource | None
+    held_out_counts: list[int]
     settings: EncodeSettings
     sink: BadRows  # where tasks send bad rows (the ledger actor, under the spec's policy)
+    seed: int = 0
+    shuffle_window: int = 1024
     resources: PipelineResources = PipelineResources()
+
+    @property
+    def num_train(self) -> int:
+        return sum(self.train_counts)
+
+    @property
+    def num_held_out(self) -> int:
+        return sum(self.held_out_counts)
+
+    def stream(self, epochs: range, after_key: int | None = None, held_out: bool = True):
+        """The job's records as one dataset: the held-out records first (file order, exactly
+        one row each, `num_held_out` rows), then the train records of `epochs` in the seeded
+        order, after `after_key` (resume)."""
+        windows = self.held_out_windows() if held_out else []
+        windows += plan_windows(self.train_counts, self.seed, epochs, self.shuffle_window, after_key)
+        return record_dataset((self.train, self.held_out_source or self.train), windows, self.resources)
+
+    def held_out_windows(self) -> list:
+        return [Window(0, index, (index,), count, source=1, exact=True)
+                for index, count in enumerate(self.held_out_counts) if count]
+
+    def held_out(self):
+        """The held-out records alone, in file order (exactly one row each), or None."""
+        if not self.num_held_out:
+            return None
+        return record_dataset((self.train, self.held_out_source), self.held_out_windows(), self.resources)
 
     def summary(self) -> str:
         import ray
 
         return ray.get(self.sink.ledger.summary.remote())
 
+    def close(self) -> None:
+        """End the job's ledger actor (the quarantine file stays)."""
+        import ray
 
-def prepare_data(spec: JobSpec, run_dir: pathlib.Path) -> JobData:
-    """Sources expanded (listings only), records read and converted in Ray Data tasks and
-    counted: the first bad row stops here under `on_bad_record: raise`."""
+        if self.sink.ledger is not None:
+            ray.kill(self.sink.ledger)
+            self.sink = dataclasses.replace(self.sink, ledger=None)
+
+
+def prepare_data(spec: JobSpec, run_dir: pathlib.Path, resources: PipelineResources | None = None,
+                 held_out: bool = True) -> JobData:
+    """Sources expanded (listings only), records read, converted and counted per unit in Ray Data
+    tasks: the first bad row stops here under `on_bad_record: raise`."""
     from vlrlhf.data.ledger import start_ledger
     from vlrlhf.data.sources import expand_sources
 
@@ -44,7 +86,9 @@ def prepare_data(spec: JobSpec, run_dir: pathlib.Path) -> JobData:
     sink = BadRows(data.on_bad_record, start_ledger(data.on_bad_record, run_dir / "quarantine.jsonl"))
     units = tuple(expand_sources(data.train))
     common = dict(data_format=data.format, options=dict(data.format_options), seed=seed, sink=sink)
-    if data.eval:
+    if not held_out:  # online prompts: every record trains
+        train, held_out = RecordSource(units, **common), None
+    elif data.eval:
         train = RecordSource(units, **common)
         held_out = RecordSource(tuple(expand_sources(data.eval)), **common)
     else:
@@ -56,12 +100,25 @@ def prepare_data(spec: JobSpec, run_dir: pathlib.Path) -> JobData:
                               max_pixels=data.max_pixels, ddpo_gamma=spec.algorithm.ddpo_gamma,
                               corrupt_keep=spec.algorithm.mdpo.keep if spec.algorithm.mdpo else None,
                               processor=tuple(sorted(spec.model.processor.items())))
-    train_records = record_dataset(train)
-    held_out_records = record_dataset(held_out) if held_out is not None else None
-    num_train = raising_bad_records(train_records.count)
-    num_held_out = raising_bad_records(held_out_records.count) if held_out_records is not None else 0
-    return JobData(train_records, held_out_records if num_held_out else None, num_train, num_held_out, settings,
-                   sink)
+    train_counts = raising_bad_records(count_records, train)
+    held_out_counts = raising_bad_records(count_records, held_out) if held_out is not None else []
+    return JobData(train, train_counts, held_out, held_out_counts, settings, sink, seed, data.shuffle_window,
+                   resources or PipelineResources())
+
+
+ORDER = "windows-1"  # the data order a checkpoint's after_key belongs to (vlrlhf.data.order)
+
+
+def check_order(state: dict, spec: JobSpec, checkpoint) -> None:
+    """A checkpoint resumes exactly only in the order it was trained in."""
+    if state.get("order") != ORDER:
+        raise ValueError(f"checkpoint.resume: {checkpoint} was written by an earlier version of vlrlhf, whose data "
+                         "order this one does not reproduce, so the run cannot resume exactly. Start a new run from "
+                         f"its weights instead: model.path={checkpoint} checkpoint.resume=off")
+    if (state.get("shuffle_window"), state.get("seed")) != (spec.data.shuffle_window, spec.trainer.seed):
+        raise ValueError(f"checkpoint.resume: {checkpoint} was trained with trainer.seed={state.get('seed')} and "
+                         f"data.shuffle_window={state.get('shuffle_window')}; resuming needs the same values (they "
+                         "decide the order of the data)")
 
 
 def raising_bad_records(call, *args):
@@ -195,12 +252,16 @@ class PipelineBudgetError(RuntimeError):
 def pipeline_budget(spec: JobSpec, roles: tuple[str, ...], cluster_cpus: float | None = None) -> PipelineResources:
     """CPUs for the Ray Data stages, budgeted against the groups' reservations.
 
-    Ray Data tasks run outside placement groups: when the groups in `roles` reserve every
-    CPU, data tasks are accepted but never scheduled and the job hangs without a word.
-    So before anything starts: free = cluster CPUs - sum(num_workers * cpus) over the
-    roles must hold one whole CPU (Ray Data's sort and read tasks take one each), else the
-    job stops here naming the numbers and the fix. The encode stage then runs at most
-    min(data.pipeline_cpus, free) tasks at once. Roles in-process (num_workers 0) reserve nothing."""
+    Ray Data's actors and tasks run outside placement groups: when the groups in `roles`
+    reserve every CPU, they are accepted but never scheduled and the job hangs without a
+    word. So before anything starts: free = cluster CPUs - sum(num_workers * cpus) over the
+    roles must hold what the pipeline needs, else the job stops here naming the numbers and
+    the fix. Offline data needs one whole CPU: the pipeline's actor pools share
+    min(data.pipeline_cpus, free), a window reader per four CPUs (READ_CPUS each), the rest
+    split between encoders of at most one CPU each. Online prompts need a reader only (the
+    rollout engines encode them). Roles in-process (num_workers 0) reserve nothing."""
+    from vlrlhf.config import ONLINE_ALGORITHMS
+
     if cluster_cpus is None:
         import ray
 
@@ -208,15 +269,28 @@ def pipeline_budget(spec: JobSpec, roles: tuple[str, ...], cluster_cpus: float |
     reserved = {role: getattr(spec.resources, role).num_workers * getattr(spec.resources, role).cpus
                 for role in roles if getattr(spec.resources, role).num_workers}
     free = cluster_cpus - sum(reserved.values())
-    if free + 1e-9 < 1.0:
+    online = spec.algorithm.name in ONLINE_ALGORITHMS
+    needed = READ_CPUS if online else 1.0
+    if free + 1e-9 < needed:
         held = ", ".join(f"{role} {getattr(spec.resources, role).num_workers} x "
                          f"{getattr(spec.resources, role).cpus:g}" for role in reserved)
+        what = "its prompt reader" if online else "its readers and encoders"
         raise PipelineBudgetError(
             f"the actor groups reserve {sum(reserved.values()):g} of the cluster's {cluster_cpus:g} CPUs ({held}), "
-            f"leaving {max(free, 0):g} for the data pipeline, which needs 1 (Ray Data tasks take a whole CPU "
-            "and run outside placement groups, so the job would wait forever). Lower resources.<role>.cpus "
+            f"leaving {max(free, 0):g} for the data pipeline, which needs {needed:g} (Ray Data runs {what} "
+            "outside placement groups, so the job would wait forever). Lower resources.<role>.cpus "
             "(fractions work, e.g. 0.5) or add CPUs to the cluster")
-    return PipelineResources(task_cpus=1.0, concurrency=max(1, int(min(spec.data.pipeline_cpus, free) + 1e-9)))
+    if online:
+        return PipelineResources(encoders=0, encoder_cpus=0.0, readers=1, reader_cpus=READ_CPUS)
+    return pipeline_resources(min(float(spec.data.pipeline_cpus), free))
+
+
+def pipeline_resources(cpus: float) -> PipelineResources:
+    """`cpus` (>= 1) split between window readers and encoders."""
+    readers = max(1, int(cpus + 1e-9) // 4)
+    room = cpus - READ_CPUS * readers
+    encoders = max(1, math.ceil(room - 1e-9))
+    return PipelineResources(encoders=encoders, encoder_cpus=min(1.0, room / encoders), readers=readers)
 
 
 def colocation_reserve(spec: JobSpec, roles: tuple[str, ...]) -> dict[str, float]:

@@ -128,7 +128,8 @@ def run_demo(out_dir: str | pathlib.Path = ".demo", seed: int = 0) -> dict[str, 
     build_shapes_bench(DATA, out / "bench" / "Shapes_MC.tsv")
     for number, (name, path) in enumerate(models):
         spec = load_eval_spec(None, [f"model.path={path}", "benchmarks=[shapes]", f"data={out / 'bench'}",
-                                     f"output={out / 'eval' / str(number)}", "generation.max_new_tokens=6"])
+                                     f"output={out / 'eval' / str(number)}", "generation.max_new_tokens=6",
+                                     "resources.num_workers=0"])  # in this process: no worker to start per model
         scores = run_eval(spec)["benchmarks"]["shapes"]["metrics"]
         results[name]["shapes_bench"] = scores["overall"] / 100
     print()

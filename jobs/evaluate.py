@@ -1,7 +1,7 @@
 """`vlrlhf eval`: generate answers for benchmark files on Ray Data, score, report.
 
     benchmark TSVs -> BenchItems (images resolved)  -> unique (prompt, image) requests
-      -> ray.data.from_items(...).map_batches(Generator, concurrency=N)   greedy, one model per actor
+      -> ray.data.from_items(...).map_batches(Generator, pool of N)       greedy, one model per actor
       -> predictions per index -> Benchmark.score (rules; a judge where they do not suffice)
       -> OUTPUT/<bench>/predictions.{jsonl,tsv}, OUTPUT/scores.json, OUTPUT/results.md
 
@@ -16,6 +16,7 @@ import json
 import pathlib
 import time
 
+from vlrlhf.data.pipeline import NO_RESTARTS, quiet_remote_args
 from vlrlhf.data.reader import BadRecords
 from vlrlhf.eval.benchmarks import find_file, get_benchmark
 from vlrlhf.eval.judge import JudgeSpec, make_judge
@@ -31,24 +32,33 @@ def request_key(prompt: str, images: list[bytes]) -> str:
 
 
 def generate_all(spec: EvalSpec, requests: dict[str, tuple[str, list[bytes]]]) -> dict[str, tuple[str, str]]:
-    """key -> (prediction, error) for every request, on Ray Data with `resources.num_workers` actors."""
-    import ray
-
+    """key -> (prediction, error) for every request, on Ray Data with `resources.num_workers` actors,
+    or in this process with `num_workers: 0` (no Ray; what a driver that already holds torch uses
+    for a small benchmark: no worker process to start)."""
     from actors.generator import Generator
 
     if not requests:
         return {}
     rows = [{"key": key, "prompt": prompt, "images": images} for key, (prompt, images) in requests.items()]
+    settings = {"model_path": spec.model.path, "adapter": spec.model.adapter, "dtype": spec.model.dtype,
+                "max_new_tokens": spec.generation.max_new_tokens, "micro_batch_size": spec.generation.batch_size}
+    if spec.resources.num_workers == 0:
+        generator, out = Generator(**settings), {}
+        for start in range(0, len(rows), spec.generation.batch_size):
+            chunk = rows[start:start + spec.generation.batch_size]
+            batch = generator({name: [row[name] for row in chunk] for name in ("key", "prompt", "images")})
+            out.update(zip(batch["key"], zip(batch["prediction"], batch["error"], strict=True), strict=True))
+        return out
+    import ray
+
     dataset = ray.data.from_items(rows, override_num_blocks=max(1, min(len(rows) // spec.generation.batch_size,
                                                                        64)))
     resources = spec.resources
-    out = dataset.map_batches(
-        Generator, batch_size=spec.generation.batch_size,
-        compute=ray.data.ActorPoolStrategy(size=max(1, resources.num_workers)),
-        num_cpus=resources.cpus, num_gpus=resources.gpus or None,
-        fn_constructor_kwargs={"model_path": spec.model.path, "adapter": spec.model.adapter,
-                               "dtype": spec.model.dtype, "max_new_tokens": spec.generation.max_new_tokens,
-                               "micro_batch_size": spec.generation.batch_size})
+    with quiet_remote_args():  # a lost generator fails the evaluation instead of a warning per run
+        out = dataset.map_batches(
+            Generator, batch_size=spec.generation.batch_size,
+            compute=ray.data.ActorPoolStrategy(size=resources.num_workers),
+            num_cpus=resources.cpus, num_gpus=resources.gpus or None, fn_constructor_kwargs=settings, **NO_RESTARTS)
     return {row["key"]: (row["prediction"], row["error"]) for row in out.take_all()}
 
 

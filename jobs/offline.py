@@ -1,15 +1,20 @@
 """Offline training driver: SFT, the DPO family, KTO and reward models.
 
-    records (Ray Data read + convert tasks)
-      -> seeded epoch order (sort by key)  -> encode (adapter, images)
+    records (count pass: per-unit counts)  -> windows of epochs e..E (vlrlhf.data.order)
+      -> window readers (actors: read, convert, shuffle inside the window)
+      -> encoders (actors, the processor loaded once: images, the adapter)
       -> [reference stage: an actor pool adds reference log-prob columns, ahead of the policy]
       -> step slices: worker w of W gets rows [w B/W, (w+1) B/W) of the step as block refs
       -> policy.train_step (each worker fetches and collates its share; metrics back)
       -> log / eval / checkpoint
 
-The driver coordinates: it sees the spec, block refs with row counts, metrics and
-checkpoint paths, never a record or a tensor. SFT and reward models (Bradley-Terry on
-preference pairs) have no reference; DPO and KTO take it from a reference stage
+The driver coordinates: it sees the spec, per-unit record counts, block refs with row
+counts, metrics and checkpoint paths, never a record or a tensor. One Ray Data execution
+streams every remaining epoch, so the pipeline's actors stay warm across epoch ends and
+a step may take the last rows of one epoch and the first of the next. `time/data_wait_s`
+is how long each step waited for its rows (the driver for the pipeline, then the workers
+to fetch and collate them). SFT and reward models (Bradley-Terry on preference pairs)
+have no reference; DPO and KTO take it from a reference stage
 (`resources.reference.num_workers >= 1`), a reference model inside each policy worker
 (`num_workers: 0`), the policy with its LoRA adapters disabled (`reference.mode: policy`),
 a precomputed Parquet table (`precomputed`, DPO: jobs.precompute), or not at all.
@@ -26,11 +31,13 @@ from tqdm import tqdm
 from actors.group import ActorGroup
 from actors.policy import PolicyWorker
 from jobs.checkpoints import open_checkpoints, resume_from
-from jobs.common import (Tracker, colocation_reserve, pipeline_budget, plot_curves, prepare_data,
-                         raising_bad_records, surfacing_bad_records)
+from jobs.common import (ORDER, Tracker, check_order, colocation_reserve, pipeline_budget, plot_curves, prepare_data,
+                         surfacing_bad_records)
 from vlrlhf.config import JobSpec
-from vlrlhf.data.pipeline import encoded_dataset, epoch_dataset
-from vlrlhf.data.shares import Share, block_rows, split_slices, step_slices, streamed_blocks
+from vlrlhf.data.order import split_key
+from vlrlhf.data.pipeline import NO_RESTARTS, encoded_dataset, quiet_remote_args
+from vlrlhf.data.shares import Share, split_slices, step_slices
+from vlrlhf.data.stream import Stream, rows_in
 from vlrlhf.training import finish_metrics
 
 NO_REFERENCE = ("sft", "reward")  # reward: Bradley-Terry on the reward model's own scores
@@ -44,25 +51,33 @@ class OfflineJob:
         self.reference_mode = self._reference_mode()
         roles = ("policy", "reference") if self.reference_mode in ("column", "precomputed") else ("policy",)
         resources = pipeline_budget(spec, roles)  # before anything starts: a spec that would hang stops here
-        self.data = prepare_data(spec, run_dir)
-        self.data.resources = resources
-        self.steps_per_epoch = self.data.num_train // trainer.batch_size
-        if self.steps_per_epoch == 0:
-            raise ValueError(f"data.train has {self.data.num_train} records, fewer than one batch "
-                             f"(trainer.batch_size={trainer.batch_size})")
-        self.total_steps = min(trainer.max_steps or math.inf, trainer.epochs * self.steps_per_epoch)
-        self.policy = ActorGroup(PolicyWorker, spec.resources.policy, name="policy",
-                                 args=(spec.model, spec.algorithm, spec.trainer, self.total_steps),
-                                 reserve=colocation_reserve(spec, ("reference",) if roles[1:] else ()))
-        self.precomputed = None
-        if self.reference_mode == "precomputed":  # one pass now, a Parquet table reused by every epoch
-            from jobs.precompute import precompute_reference
-
-            self.precomputed = precompute_reference(spec, self.data, self.reference_stage)
+        self.data = prepare_data(spec, run_dir, resources)
+        self.policy, self.stream, self.precomputed, self.held_out = None, None, None, []
+        self.step, self.epoch, self.after_key = 0, 0, None
         self.checkpoints = open_checkpoints(spec.checkpoint.dir, spec.checkpoint.keep_last, run_dir / "staging")
+        try:
+            if self.data.num_train < trainer.batch_size:
+                raise ValueError(f"data.train has {self.data.num_train} records, fewer than one batch "
+                                 f"(trainer.batch_size={trainer.batch_size})")
+            self.total_steps = min(trainer.max_steps or math.inf, trainer.epochs * self.data.num_train //
+                                   trainer.batch_size)
+            # The policy's bundles first, then the pipeline's actors on the room left, loading while the
+            # policy's workers do; after them when the precomputed table or a checkpoint's resume point comes first.
+            self.policy = ActorGroup(PolicyWorker, spec.resources.policy, name="policy",
+                                     args=(spec.model, spec.algorithm, spec.trainer, self.total_steps),
+                                     reserve=colocation_reserve(spec, ("reference",) if roles[1:] else ()),
+                                     connect=False)
+            if resume_from(spec, self.checkpoints) is None and self.reference_mode != "precomputed":
+                self.stream = Stream(self.encoded(self.data.stream(range(0, trainer.epochs))))
+            self.policy.connect()
+            if self.reference_mode == "precomputed":  # one pass now, a Parquet table reused by every epoch
+                from jobs.precompute import precompute_reference
+
+                self.precomputed = precompute_reference(spec, self.data, self.reference_stage)
+        except BaseException:
+            self.shutdown()
+            raise
         self.tracker = Tracker(spec, run_dir)
-        self.step, self.epoch, self.position, self.after_key = 0, 0, 0, None
-        self.eval_dataset = None
 
     def _reference_mode(self) -> str | None:
         """column: a reference stage in the pipeline; local: a reference model in each policy
@@ -76,7 +91,7 @@ class OfflineJob:
 
     # ------------------------------------------------------------------ the pipeline
     def reference_stage(self, dataset):
-        return reference_stage(self.spec, dataset, self.policy.placement_group)
+        return reference_stage(self.spec, dataset, self.policy.placement_group if self.policy else None)
 
     def encoded(self, records):
         dataset = encoded_dataset(records, self.data.settings, sink=self.data.sink, resources=self.data.resources)
@@ -93,26 +108,27 @@ class OfflineJob:
         resumed = resume_from(spec, self.checkpoints)
         if resumed is not None:
             state = self.policy.get(self.policy.broadcast("read_checkpoint", str(resumed)))[0]
-            self.step, self.epoch, self.position = state["step"], state["epoch"], state["position"]
-            self.after_key = state.get("after_key")
-            print(f"resumed from {resumed}: step {self.step}, epoch {self.epoch}, position {self.position}")
-        world, batch_size = self.policy.world_size, spec.trainer.batch_size
-        if self.data.held_out is not None:  # encoded (and scored by a reference stage) before training
-            # starts: its reference actors are released before the training stream's take their place
-            self.eval_dataset = raising_bad_records(self.encoded(self.data.held_out).materialize)
+            check_order(state, spec, resumed)
+            self.step, self.epoch, self.after_key = state["step"], state["epoch"], state["after_key"]
+            print(f"resumed from {resumed}: step {self.step}, epoch {self.epoch}")
+        if self.stream is None:
+            self.stream = Stream(self.encoded(self.data.stream(range(self.epoch, spec.trainer.epochs),
+                                                               self.after_key)))
+        batch_size = spec.trainer.batch_size
         progress = tqdm(total=self.total_steps, initial=self.step, desc=spec.name, unit="step", dynamic_ncols=True)
         last = {}
-        while self.step < self.total_steps:
-            ordered = epoch_dataset(self.data.train, spec.trainer.seed, self.epoch, self.after_key,
-                                    rows=self.data.num_train)
-            with surfacing_bad_records(), streamed_blocks(self.encoded(ordered)) as blocks:
-                for slices in step_slices(blocks, batch_size):
-                    last = self.train_step([self.share(piece) for piece in split_slices(slices, world)], progress)
-                    if self.step >= self.total_steps:
-                        break
-                else:
-                    self.epoch += 1
-                    self.position, self.after_key = 0, None
+        with surfacing_bad_records():
+            rows = self.stream.rows
+            self.held_out = rows.take(self.data.num_held_out)  # the stream's first rows, kept for every eval
+            rows.waited()  # a training step's wait starts from here
+            upcoming = rows.take(batch_size)
+            while rows_in(upcoming) == batch_size and self.step < self.total_steps:
+                current, waited = upcoming, rows.waited()
+                # the next step's rows when the pipeline already made them: the workers load them meanwhile
+                upcoming = rows.take(batch_size, wait=False) if self.step + 1 < self.total_steps else None
+                last = self.train_step(self.shares(current), progress, waited, self.shares(upcoming))
+                if upcoming is None and self.step < self.total_steps:
+                    upcoming = rows.take(batch_size)
         progress.close()
         final_eval = self.evaluate()
         checkpoint = self.save()
@@ -126,24 +142,36 @@ class OfflineJob:
         print_summary(summary)
         return summary
 
-    def train_step(self, shares: list[Share], progress) -> dict:
+    def shares(self, slices) -> list[Share] | list[None]:
+        """One Share per worker of a step's rows (None for each when there are no rows)."""
+        if not slices:
+            return [None] * self.policy.world_size
+        return [self.share(piece) for piece in split_slices(slices, self.policy.world_size)]
+
+    def train_step(self, shares: list[Share], progress, waited: float = 0.0, upcoming: list | None = None) -> dict:
+        """One optimizer step on the workers' shares; `waited`: seconds the driver waited for them;
+        `upcoming`: the next step's shares, which the workers load while this step computes."""
         started = time.perf_counter()
         batch_size = self.spec.trainer.batch_size
         token_mean = self.spec.algorithm.name == "sft" and self.spec.algorithm.sft_aggregation == "token-mean"
         normaliser = None if token_mean else float(batch_size)  # None: the workers sum their label tokens
-        results = self.policy.get(self.policy.map("train_step", shares, [None] * len(shares),
-                                                  [normaliser] * len(shares)))
+        world = len(shares)
+        results = self.policy.get(self.policy.map("train_step", shares, [None] * world, [normaliser] * world,
+                                                  upcoming or [None] * world))
         metrics = finish_metrics([s for r in results for s in r["sums"]])
         self.step += 1
-        self.position += batch_size
         self.after_key = max(r["last_key"] for r in results)
+        self.epoch = split_key(self.after_key)[0]
         elapsed = time.perf_counter() - started
         values = {f"train/{k}": v for k, v in metrics.items() if k != "examples"}
         values.update({"train/grad_norm": results[0]["grad_norm"], "train/lr": results[0]["lr"],
-                       "train/step_time": elapsed, "train/samples_per_s": batch_size / elapsed})
+                       "train/step_time": elapsed, "train/samples_per_s": batch_size / elapsed,
+                       "train/epoch": self.epoch,
+                       "time/data_wait_s": waited + max(r.get("load_s", 0.0) for r in results)})
         progress.update(1)
         progress.set_postfix({k.split("/")[1]: f"{v:.4g}" for k, v in values.items()
-                              if k in ("train/loss", "train/reward_accuracy", "train/samples_per_s")})
+                              if k in ("train/loss", "train/reward_accuracy", "train/samples_per_s",
+                                       "time/data_wait_s")})
         if self.step % self.spec.trainer.log_every == 0:
             print(f"step {self.step}/{self.total_steps} " + " ".join(
                 f"{k.split('/')[1]}={v:.4g}" for k, v in values.items()), flush=True)
@@ -157,13 +185,10 @@ class OfflineJob:
 
     def evaluate(self) -> dict:
         """The objective's metrics on the held-out rows (encoded once, kept in the object store)."""
-        if self.data.held_out is None:
+        if not self.held_out:
             return {}
-        if self.eval_dataset is None:
-            self.eval_dataset = raising_bad_records(self.encoded(self.data.held_out).materialize)
         world, sums = self.policy.world_size, []
-        blocks = block_rows(self.eval_dataset.iter_internal_ref_bundles())
-        for slices in step_slices(blocks, self.spec.trainer.batch_size, keep_tail=True):
+        for slices in step_slices(iter(self.held_out), self.spec.trainer.batch_size, keep_tail=True):
             pieces = split_slices(slices, world)
             if len(pieces) < world:
                 continue
@@ -176,7 +201,8 @@ class OfflineJob:
         return values
 
     def save(self) -> str:
-        state = {"epoch": self.epoch, "position": self.position, "after_key": self.after_key,
+        state = {"epoch": self.epoch, "after_key": self.after_key, "order": ORDER,
+                 "shuffle_window": self.spec.data.shuffle_window, "seed": self.spec.trainer.seed,
                  "spec": self.spec.model_dump()}
         path = self.checkpoints.save(self.step, lambda folder: self.policy.get(
             self.policy.broadcast("write_checkpoint", folder, state)))  # from each worker's node
@@ -184,9 +210,11 @@ class OfflineJob:
         return path
 
     def shutdown(self) -> None:
+        if self.stream is not None:
+            self.stream.close()
         if self.policy is not None:
             self.policy.shutdown()
-
+        self.data.close()
 
 def reference_stage(spec: JobSpec, dataset, placement_group=None):
     """`dataset` (encoded rows) with a `reference` column from an actor pool of reference
@@ -203,12 +231,13 @@ def reference_stage(spec: JobSpec, dataset, placement_group=None):
         options["scheduling_strategy"] = PlacementGroupSchedulingStrategy(placement_group, -1)
     elif group.custom_resources:  # e.g. a node label resource that pins the pool to some nodes
         options["resources"] = dict(group.custom_resources)
-    return dataset.map_batches(
-        ReferenceStage, fn_constructor_kwargs={"model": spec.model, "path": spec.reference.path,
-                                               "micro_batch_size": spec.trainer.micro_batch_size},
-        batch_size=spec.trainer.micro_batch_size * 4, batch_format="numpy",
-        compute=ray.data.ActorPoolStrategy(size=max(1, group.num_workers)),
-        num_cpus=group.cpus if group.num_workers else 0, num_gpus=group.gpus or None, **options)
+    with quiet_remote_args():
+        return dataset.map_batches(
+            ReferenceStage, fn_constructor_kwargs={"model": spec.model, "path": spec.reference.path,
+                                                   "micro_batch_size": spec.trainer.micro_batch_size},
+            batch_size=spec.trainer.micro_batch_size * 4, batch_format="numpy",
+            compute=ray.data.ActorPoolStrategy(size=max(1, group.num_workers)),
+            num_cpus=group.cpus if group.num_workers else 0, num_gpus=group.gpus or None, **options, **NO_RESTARTS)
 
 
 def print_summary(summary: dict) -> None:

@@ -1,23 +1,32 @@
 """Online RL driver: PPO, GRPO, RLOO and REINFORCE++.
 
-    prompts (seeded order) -> rollout.generate            n samples per prompt, behaviour log-probs
-      -> in parallel: reward model scores, reference log-probs, critic values (PPO)
-         and, in the driver, the rule rewards (weighted)
-      -> advantages (vlrlhf.losses.policy):
+    prompts (Ray Data: count pass, seeded windows, readers, encoders; refs to the driver)
+      -> rollout.rollout(prompt slices)      each engine fetches its prompts, loads their
+                                             images, samples n per prompt (behaviour log-probs)
+      -> in parallel: reward model scores, reference log-probs, critic values (PPO), each
+         worker building its rows from the prompt slices and the samples' tokens; and, in
+         the driver, the rule rewards (completion text and the prompts' answers)
+      -> advantages (vlrlhf.losses.policy), from numbers:
            grpo          group-normalised scores;  KL to the reference in the loss (k3)
            rloo          leave-one-out scores;     KL in the loss (k3)
            reinforce_pp  whitened returns of token rewards, KL in the reward (k1)
            ppo           GAE over the critic's values, KL in the reward (k1), whitened
       -> online.epochs x online.mini_batches optimizer steps of the policy (PPO-clip)
-         and, for PPO, of the critic (clipped value loss)
+         and, for PPO, of the critic (clipped value loss): rows built and collated on the
+         workers (vlrlhf.rows.RowsShare)
       -> weight sync policy -> rollout (object store, or a gloo/NCCL broadcast; ZeRO-3 gathers first)
       -> log (and Ray gauges), checkpoint
 
-The step's prompts are split across the rollout engines (contiguous shares, a seed of
-their own each) and the samples gathered back in prompt order (actors.rollout).
-`checkpoint.resume` restores every role (policy and critic optimizers, schedules, RNG),
-the place in the prompt order, the sampling seeds and, with async rollouts, the samples
-already drawn for the next step: a resumed run repeats the uninterrupted one.
+The driver holds the step's prompt slices (object references), the samples' tokens,
+log-probs and texts, the prompts' answers and the scores: never a prompt's pixels or a
+collated batch. Prompts stream from the same pipeline as offline data (one execution
+over every epoch, after the resume point), so the driver's memory does not grow with
+the prompt set. The step's prompts are split across the rollout engines (contiguous
+shares, a seed of its own each) and the samples gathered back in prompt order
+(actors.rollout). `checkpoint.resume` restores every role (policy and critic
+optimizers, schedules, RNG), the place in the prompt order, the sampling seeds and,
+with async rollouts, the samples already drawn for the next step: a resumed run
+repeats the uninterrupted one.
 
 Each stage is timed (time/*). With `online.async_rollout` the rollout of step t+1 runs
 while step t trains (one step off-policy): its behaviour log-probs come from the
@@ -44,19 +53,18 @@ from actors.group import ActorGroup
 from actors.policy import PolicyWorker
 from actors.reference import ReferenceWorker
 from actors.reward import RewardModelWorker
-from actors.rollout import RolloutWorker, Sample, Sampling, collect_rollout, start_rollout
+from actors.rollout import RolloutResult, RolloutWorker, Sample, Sampling, collect_rollout, start_rollout
 from actors.storage import is_uri, open_uri, write_folder
 from actors.weight_sync import sync_weights
 from jobs.checkpoints import open_checkpoints, resume_from
-from jobs.common import Tracker, colocation_reserve, plot_curves
-from jobs.rows import Row, collate_rl, collate_values, padded, rl_example, scatter, scoring_batches, unpadded
+from jobs.common import (ORDER, Tracker, check_order, colocation_reserve, pipeline_budget, plot_curves, prepare_data,
+                         surfacing_bad_records)
 from vlrlhf.config import JobSpec
-from vlrlhf.data.images import load_image
-from vlrlhf.data.pipeline import ordered
-from vlrlhf.data.reader import BadRecords, read_records
+from vlrlhf.data.order import split_key
+from vlrlhf.data.stream import Stream
 from vlrlhf.losses.policy import gae, group_advantages, kl_rewards, reinforce_pp_advantages, rloo_advantages, whiten
-from vlrlhf.models.registry import load_adapter
 from vlrlhf.rewards import RewardSet, RewardTerm
+from vlrlhf.rows import Row, RowsShare, padded, unpadded
 from vlrlhf.training import finish_metrics
 
 GROUP_BASELINES = ("grpo", "rloo")
@@ -73,12 +81,9 @@ GAUGES = {  # Ray metrics of the step (the dashboard's Metrics page; Prometheus 
 class Pending:
     """A submitted rollout."""
 
-    indices: list[int]  # the prompts' positions in data.train
-    records: list  # their PromptRecords
-    requests: list[dict]  # chats and loaded images, one per prompt
-    calls: list  # (index of the share's first prompt, ObjectRef or samples) per engine
+    calls: list  # ObjectRef or RolloutResult per engine with prompts
     started: float  # perf_counter at submission
-    samples: list[Sample] | None = None  # once collected, in prompt order
+    result: RolloutResult | None = None  # once collected: samples in prompt order, records, last key, prompts
 
 
 def make_gauges() -> dict:
@@ -126,86 +131,98 @@ class OnlineJob:
         self.spec, self.run_dir, self.online = spec, run_dir, spec.online
         self.name = spec.algorithm.name
         run_dir.mkdir(parents=True, exist_ok=True)
-        self.bad = BadRecords(spec.data.on_bad_record, run_dir / "quarantine.jsonl")
-        self.records = read_records(spec.data.train, spec.data.format, options=spec.data.format_options, bad=self.bad)
-        if len(self.records) < spec.online.prompts_per_step:
-            raise ValueError(f"data.train: {len(self.records)} prompts, fewer than online.prompts_per_step="
-                             f"{spec.online.prompts_per_step}")
-        self.adapter = load_adapter(spec.model.path, adapter=spec.model.adapter)
         online = self.online
-        self.rewards = RewardSet([RewardTerm(**t.model_dump()) for t in online.rewards]) if online.rewards else None
-        steps_per_epoch = max(1, len(self.records) // online.prompts_per_step)
-        self.total_steps = min(spec.trainer.max_steps or 10**9, spec.trainer.epochs * steps_per_epoch)
-        updates = self.total_steps * online.epochs * online.mini_batches  # optimizer steps, for the schedules
         separate_reference = online.kl_coef > 0 and spec.reference.mode != "policy"
         roles = ("rollout", "reward", "critic") + (("reference",) if separate_reference else ())
+        used = ("policy", "rollout") + (("reference",) if separate_reference else ()) + \
+            (("reward",) if online.reward_model is not None else ()) + (("critic",) if self.name == "ppo" else ())
+        resources = pipeline_budget(spec, used)  # the prompt pipeline's CPUs, before anything starts
+        self.data = prepare_data(spec, run_dir, resources, held_out=False)
+        self.policy = self.reference = self.reward_model = self.critic = self.rollout = self.stream = None
+        self.checkpoints = open_checkpoints(spec.checkpoint.dir, spec.checkpoint.keep_last, run_dir / "staging")
+        # where the next prompts come from, and how many rollouts were submitted (the seeds)
+        self.step, self.epoch, self.after_key, self.submitted = 0, 0, None, 0
+        self.restored = None  # a checkpoint's samples for the next step (async_rollout)
+        try:
+            if self.data.num_train < online.prompts_per_step:
+                raise ValueError(f"data.train: {self.data.num_train} prompts, fewer than online.prompts_per_step="
+                                 f"{online.prompts_per_step}")
+            self.total_steps = min(spec.trainer.max_steps or 10**9,
+                                   spec.trainer.epochs * self.data.num_train // online.prompts_per_step)
+            self.resumed = resume_from(spec, self.checkpoints)
+            if self.resumed is not None:  # the driver's place first: the prompt stream starts from it
+                state = read_online_state(str(self.resumed))
+                check_order(state, spec, self.resumed)
+                self.step, self.epoch, self.after_key, self.submitted = (
+                    state[k] for k in ("step", "epoch", "after_key", "submitted"))
+                self.restored = state["pending"]
+            self.create_groups(separate_reference, roles)  # placed; their workers load in the background
+            # the prompt pipeline's actors on the room the groups left, loading meanwhile
+            # (records only: the rollout engines load and encode each step's prompts, once)
+            self.stream = Stream(self.data.stream(range(self.epoch, spec.trainer.epochs), self.after_key,
+                                                  held_out=False))
+            groups = (self.policy, self.reference, self.reward_model, self.critic, self.rollout)
+            for group in {id(g): g for g in groups if g is not None}.values():
+                group.connect()
+        except BaseException:
+            self.shutdown()
+            raise
+        self.rewards = RewardSet([RewardTerm(**t.model_dump()) for t in online.rewards]) if online.rewards else None
+        # a colocated engine sleeps while the policy trains, unless it must keep sampling (async)
+        self.sleeps = bool(spec.resources.rollout.colocate) and not online.async_rollout
+        self.tracker = Tracker(spec, run_dir)
+        self.gauges = make_gauges()
+        self.sampling = Sampling(n=online.n, temperature=online.temperature, top_p=online.top_p,
+                                 max_tokens=online.max_tokens, seed=spec.trainer.seed)
+        self.clock = time.perf_counter()  # when the previous step ended (time/step_s)
+
+    def create_groups(self, separate_reference: bool, roles: tuple[str, ...]) -> None:
+        spec, online = self.spec, self.online
+        updates = self.total_steps * online.epochs * online.mini_batches  # optimizer steps, for the schedules
         self.policy = ActorGroup(PolicyWorker, spec.resources.policy, name="policy",
                                  args=(spec.model, spec.algorithm, spec.trainer, updates, online),
-                                 reserve=colocation_reserve(spec, roles))
+                                 reserve=colocation_reserve(spec, roles), connect=False)
         share = lambda role: self.policy if getattr(spec.resources, role).colocate else None  # noqa: E731
-        self.reference = None
         if online.kl_coef > 0:  # the reference only exists to price the KL
             self.reference = self.policy if not separate_reference else ActorGroup(
                 ReferenceWorker, spec.resources.reference, name="reference", args=(spec.model, spec.reference.path),
-                share=share("reference"))
-        self.reward_model = None
+                share=share("reference"), connect=False)
         if online.reward_model is not None:
             self.reward_model = ActorGroup(RewardModelWorker, spec.resources.reward, name="reward",
                                            args=(online.reward_model.path, spec.model.dtype,
-                                                 spec.trainer.micro_batch_size), share=share("reward"))
-        self.critic = None
+                                                 spec.trainer.micro_batch_size), share=share("reward"), connect=False)
         if self.name == "ppo":
             self.critic = ActorGroup(CriticWorker, spec.resources.critic, name="critic",
-                                     args=(spec.model, online.critic, spec.trainer, updates), share=share("critic"))
+                                     args=(spec.model, online.critic, spec.trainer, updates), share=share("critic"),
+                                     connect=False)
         kwargs = {"dtype": spec.model.dtype}
         if online.engine == "vllm":
             kwargs |= {"max_model_len": online.max_model_len, "sleep_mode": bool(spec.resources.rollout.colocate),
                        "tensor_parallel_size": online.tensor_parallel_size,
                        "gpu_memory_utilization": online.gpu_memory_utilization}
         self.rollout = ActorGroup(RolloutWorker, spec.resources.rollout, name="rollout",
-                                  args=(online.engine, spec.model.path), kwargs=kwargs, share=share("rollout"))
-        # a colocated engine sleeps while the policy trains, unless it must keep sampling (async)
-        self.sleeps = bool(spec.resources.rollout.colocate) and not online.async_rollout
-        self.checkpoints = open_checkpoints(spec.checkpoint.dir, spec.checkpoint.keep_last, run_dir / "staging")
-        self.tracker = Tracker(spec, run_dir)
-        self.gauges = make_gauges()
-        self.sampling = Sampling(n=online.n, temperature=online.temperature, top_p=online.top_p,
-                                 max_tokens=online.max_tokens, seed=spec.trainer.seed)
-        # where the next prompts come from, and how many rollouts were submitted (the seeds)
-        self.step, self.epoch, self.position, self.submitted = 0, 0, 0, 0
-        self.restored = None  # a checkpoint's samples for the next step (async_rollout)
-        self.clock = time.perf_counter()  # when the previous step ended (time/step_s)
+                                  args=(online.engine, spec.model.path), kwargs=kwargs, share=share("rollout"),
+                                  connect=False)
 
     # ------------------------------------------------------------------ prompts and rollouts
-    def next_prompts(self) -> list[int]:
-        """Indices of the next prompts_per_step records in the seeded order of the epoch; the
-        next epoch (a new order) once the current one has no full batch left."""
-        per_step = self.online.prompts_per_step
-        if self.position + per_step > len(self.records):
-            self.epoch, self.position = self.epoch + 1, 0
-        order = ordered(list(range(len(self.records))), self.spec.trainer.seed, self.epoch)
-        self.position += per_step
-        return order[self.position - per_step:self.position]
+    def next_prompts(self) -> list:
+        """The next prompts_per_step prompts of the seeded order (block slices); a step may take
+        the last prompts of one epoch and the first of the next."""
+        return self.stream.rows.take(self.online.prompts_per_step)
 
-    def request(self, record) -> dict:
-        images = [load_image(source, image_root=self.spec.data.image_root, max_pixels=self.spec.data.max_pixels)
-                  for source in record.images]
-        return {"messages": [m.model_dump() for m in record.prompt], "images": images}
-
-    def submit(self, indices: list[int]) -> Pending:
+    def submit(self, prompts: list) -> Pending:
         """Start a rollout across the engines (ObjectRefs on Ray workers; done at once in-process)."""
-        records = [self.records[i] for i in indices]
-        requests = [self.request(record) for record in records]
         self.submitted += 1  # a fresh seed per rollout: the same seed would redraw the same samples
         sampling = self.sampling if self.sampling.seed is None else dataclasses.replace(
             self.sampling, seed=self.sampling.seed * 1_000_003 + self.submitted)
         started = time.perf_counter()
-        return Pending(indices, records, requests, start_rollout(self.rollout, requests, sampling), started)
+        return Pending(start_rollout(self.rollout, prompts, sampling, self.data.settings, self.data.sink), started)
 
-    def collect(self, pending: Pending) -> list[Sample]:
-        if pending.samples is None:
-            pending.samples = collect_rollout(self.rollout, pending.calls)
-        return pending.samples
+    def collect(self, pending: Pending) -> RolloutResult:
+        if pending.result is None:
+            with surfacing_bad_records():  # a bad prompt under on_bad_record: raise names its file and row
+                pending.result = collect_rollout(self.rollout, pending.calls)
+        return pending.result
 
     # ------------------------------------------------------------------ the loop
     def run(self) -> dict:
@@ -216,15 +233,17 @@ class OnlineJob:
         self.clock = time.perf_counter()
         if pending is None and self.step < self.total_steps:
             pending = self.submit(self.next_prompts())
+        self.stream.rows.waited()
         while self.step < self.total_steps:
             mark = time.perf_counter()
-            samples = self.collect(pending)
+            result = self.collect(pending)
             timings = {"rollout_wait_s": time.perf_counter() - mark, "rollout_s": time.perf_counter() - pending.started}
-            current, pending = pending, None
+            pending = None
             more = self.step + 1 < self.total_steps
             if more and self.online.async_rollout:  # step t+1 samples from the weights step t starts with
                 pending = self.submit(self.next_prompts())
-            last = self.train_step(current.records, current.requests, samples, timings, progress)
+            timings["data_wait_s"] = self.stream.rows.waited()  # for this step's and the next step's prompts
+            last = self.train_step(result, timings, progress)
             if more and self.checkpoints.due(self.step, self.spec.checkpoint):
                 self.checkpoints.save(self.step, functools.partial(self.save, pending=pending))
             if more and not self.online.async_rollout:
@@ -235,7 +254,7 @@ class OnlineJob:
         plot = plot_curves(self.tracker.path, self.run_dir / "curves.png")
         summary = {"steps": self.step, "train": last, "checkpoint": str(checkpoint),
                    "local_checkpoint": str(self.checkpoints.local_path(self.step)),
-                   "curves": str(plot) if plot else None}
+                   "curves": str(plot) if plot else None, "bad_records": self.data.summary()}
         print(f"finished after {self.step} steps: " + " ".join(f"{k.split('/')[1]}={v:.4g}" for k, v in last.items()
                                                               if k.startswith("train/")))
         print(f"checkpoint: {checkpoint}")
@@ -245,47 +264,50 @@ class OnlineJob:
     def save(self, folder: str, pending: Pending | None = None) -> list:
         """Every writer's part, from where it runs (returns their reports): the policy (weights,
         optimizer, schedule, RNG), the critic (the same, under critic/), and the driver's place:
-        step, epoch, position in the prompt order, rollouts submitted (the sampling seeds) and,
-        with async_rollout, the next step's samples (drawn from the weights before this step's
+        step, the prompt order's resume key, rollouts submitted (the sampling seeds) and, with
+        async_rollout, the next step's samples (drawn from the weights before this step's
         update, they cannot be drawn again after a restart)."""
-        state = {"epoch": self.epoch, "position": self.position, "spec": self.spec.model_dump()}
+        state = {"epoch": self.epoch, "after_key": self.after_key, "spec": self.spec.model_dump()}
         reports = self.policy.get(self.policy.broadcast("write_checkpoint", folder, state))  # from each worker's node
         if self.critic is not None:  # the value model beside the policy: critic/ (HF folder + value head)
             reports += self.critic.get(self.critic.broadcast("write_checkpoint", f"{folder}/critic"))
-        next_step = None if pending is None else {"indices": pending.indices,
-                                                  "samples": [dataclasses.asdict(s) for s in self.collect(pending)]}
-        driver = {"step": self.step, "epoch": self.epoch, "position": self.position, "submitted": self.submitted,
-                  "pending": next_step}
+        next_step = None
+        if pending is not None:
+            result = self.collect(pending)
+            next_step = {"samples": [dataclasses.asdict(s) for s in result.samples], "last_key": result.last_key}
+        driver = {"step": self.step, "epoch": self.epoch, "after_key": self.after_key, "submitted": self.submitted,
+                  "pending": next_step, "order": ORDER, "shuffle_window": self.spec.data.shuffle_window,
+                  "seed": self.spec.trainer.seed}
         reports.append(write_folder(folder, lambda local: torch.save(driver, pathlib.Path(local) / ONLINE_STATE)))
         return reports
 
     def resume(self) -> None:
         """checkpoint.resume (auto: the newest complete checkpoint under checkpoint.dir, if any):
-        every role's state and the driver's place; the engines then get the policy's weights."""
-        source = resume_from(self.spec, self.checkpoints)
-        if source is None:
+        every role's state; the driver's place was read before the prompt stream started. The
+        samples already drawn for the next step (async) pair with the stream's next prompts."""
+        if self.resumed is None:
             return
-        state = read_online_state(str(source))
-        self.policy.get(self.policy.broadcast("read_checkpoint", str(source)))
+        source = str(self.resumed)
+        self.policy.get(self.policy.broadcast("read_checkpoint", source))
         if self.critic is not None:
             self.critic.get(self.critic.broadcast("read_checkpoint", f"{source}/critic"))
-        self.step, self.epoch, self.position, self.submitted = (state[k] for k in ("step", "epoch", "position",
-                                                                                   "submitted"))
-        if state["pending"] is not None:
-            indices = state["pending"]["indices"]
-            records = [self.records[i] for i in indices]
-            self.restored = Pending(indices, records, [self.request(r) for r in records], [], time.perf_counter(),
-                                    [Sample(**sample) for sample in state["pending"]["samples"]])
+        if self.restored is not None:  # the stream's next prompts are the ones these samples answer
+            saved = self.restored
+            with surfacing_bad_records():
+                prompts = self.rollout.get([self.rollout.call(0, "prompts", self.next_prompts(), self.data.settings,
+                                                              self.data.sink)])[0]
+            self.restored = Pending([], time.perf_counter(), RolloutResult(
+                [Sample(**sample) for sample in saved["samples"]], prompts.records, saved["last_key"], prompts.ref))
         sync_weights(self.policy, self.rollout, self.online.weight_sync)
-        print(f"resumed from {source}: step {self.step}, epoch {self.epoch}, position {self.position}", flush=True)
+        print(f"resumed from {source}: step {self.step}, epoch {self.epoch}", flush=True)
 
     # ------------------------------------------------------------------ one step
-    def train_step(self, records, requests, samples, timings, progress) -> dict:
-        prompts = [self.adapter.encode_prompt(r["messages"], r["images"]) for r in requests]
-        rows = [Row(rl_example(prompts[s.request], s.token_ids), s.request, s.logprobs,
-                    truncated=s.finish_reason == "length") for s in samples]
+    def train_step(self, result: RolloutResult, timings: dict, progress) -> dict:
+        samples, prompts = result.samples, result.prompts
+        rows = [Row(None, s.request, s.logprobs, truncated=s.finish_reason == "length", token_ids=s.token_ids,
+                    text=s.text) for s in samples]
         mark = time.perf_counter()
-        scores, values = self.score(records, requests, samples, rows)
+        scores, values = self.score(prompts, result.records, samples, rows)
         timings["score_s"] = time.perf_counter() - mark
         groups = scores.view(-1, self.online.n)
         keep = torch.ones(len(groups), dtype=torch.bool)
@@ -311,7 +333,7 @@ class OnlineJob:
             mark = time.perf_counter()
             if self.sleeps:
                 self.rollout.get(self.rollout.broadcast("sleep"))
-            values.update(self.update(rows))
+            values.update(self.update(prompts, rows))
             timings["train_s"] = time.perf_counter() - mark
             mark = time.perf_counter()
             if self.sleeps:
@@ -320,6 +342,9 @@ class OnlineJob:
             timings["sync_s"] = time.perf_counter() - mark
             values["train/synced_tensors"] = float(sync["tensors"])
         self.step += 1
+        self.after_key = result.last_key
+        self.epoch = split_key(self.after_key)[0]
+        values["train/epoch"] = float(self.epoch)
         values.update({f"time/{k}": v for k, v in timings.items()})
         values["time/step_s"] = time.perf_counter() - self.clock  # everything: rollout, scoring, update, sync
         self.clock = time.perf_counter()
@@ -334,19 +359,17 @@ class OnlineJob:
                 gauge.set(values[key])
         return values
 
-    def score(self, records, requests, samples, rows) -> tuple[torch.Tensor, dict]:
+    def score(self, prompts: list, records: list, samples: list[Sample], rows: list[Row]) -> tuple[torch.Tensor, dict]:
         """Sequence scores (N,) (rule rewards + reward model); fills the rows' reference
-        log-probs and critic values. The remote parts run at the same time."""
-        micro = self.spec.trainer.micro_batch_size
-        batches = scoring_batches(self.adapter, rows, micro)
+        log-probs and critic values. The remote parts run at the same time, each worker
+        building its rows from the prompt slices."""
         model_scores = reference = critic = None
         if self.reward_model is not None:
-            items = [requests[s.request] | {"completion": s.text} for s in samples]
-            model_scores = self.spread(self.reward_model, "score", items)
+            model_scores = self.spread(self.reward_model, "score_rows", prompts, rows, self.data.settings)
         if self.reference is not None:
-            reference = self.spread(self.reference, "logprobs", batches)
+            reference = self.spread(self.reference, "score_rows", prompts, rows)
         if self.critic is not None:
-            critic = self.spread(self.critic, "values", batches)
+            critic = self.spread(self.critic, "score_rows", prompts, rows)
         metrics, total = {}, torch.zeros(len(samples))
         if self.rewards is not None:
             result = self.rewards.score([s.text for s in samples], [records[s.request] for s in samples])
@@ -357,42 +380,43 @@ class OnlineJob:
             metrics["train/reward_model"] = float(scored.mean())
             total += self.online.reward_model.weight * scored
         if reference is not None:
-            for row, logps in zip(rows, scatter(self.gather(self.reference, reference), batches), strict=True):
+            for row, logps in zip(rows, self.gather(self.reference, reference), strict=True):
                 row.ref_logprobs = logps
         if critic is not None:
-            for row, value in zip(rows, scatter(self.gather(self.critic, critic), batches), strict=True):
+            for row, value in zip(rows, self.gather(self.critic, critic), strict=True):
                 row.values = value
         return total, metrics
 
-    def spread(self, group, method: str, items: list) -> list:
-        """Split `items` over the group's workers; one call each (ObjectRefs, or values in-process)."""
-        world = group.world_size
-        size = -(-len(items) // world)
-        return [group.call(w, method, items[w * size:(w + 1) * size]) for w in range(world)
-                if items[w * size:(w + 1) * size]]
+    def spread(self, group, method: str, prompts: list, rows: list[Row], *args) -> list:
+        """Split `rows` over the group's workers; one call each with a RowsShare of them (ObjectRefs,
+        or values in-process)."""
+        world, micro = group.world_size, self.spec.trainer.micro_batch_size
+        size = -(-len(rows) // world)
+        return [group.call(w, method, RowsShare(prompts, rows[w * size:(w + 1) * size], micro), *args)
+                for w in range(world) if rows[w * size:(w + 1) * size]]
 
     @staticmethod
     def gather(group, calls: list) -> list:
         return [item for part in group.get(calls) for item in part]
 
-    def update(self, rows: list[Row]) -> dict:
+    def update(self, prompts: list, rows: list[Row]) -> dict:
         """online.epochs passes over online.mini_batches mini-batches: one optimizer step of the
-        policy (and critic) each, shards over the workers, micro-batches within."""
+        policy (and critic) each, shares over the workers, micro-batches within."""
         generator = torch.Generator().manual_seed(self.spec.trainer.seed * 1000 + self.step)
         policy_sums, critic_sums, grad_norms = [], [], []
+        kind = "policy_kl" if self.name in GROUP_BASELINES else "policy"  # else the KL is in the reward
         for _ in range(self.online.epochs):
             order = torch.randperm(len(rows), generator=generator).tolist()
             size = -(-len(rows) // self.online.mini_batches)
             for start in range(0, len(rows), size):
                 mini = [rows[i] for i in order[start:start + size]]
                 tokens = float(sum(len(row.logprobs) for row in mini))
-                shards = self.shards(self.policy, mini, self.collate_policy,
-                                     equal=self.spec.trainer.strategy == "deepspeed")
-                policy = self.policy.map("train_step", shards, [None] * len(shards), [tokens] * len(shards))
+                shares = self.shares(self.policy, prompts, mini, kind, equal=self.spec.trainer.strategy == "deepspeed")
+                policy = self.policy.map("train_step", shares, [None] * len(shares), [tokens] * len(shares))
                 critic = []
                 if self.critic is not None:
-                    shards = self.shards(self.critic, mini, collate_values)
-                    critic = self.critic.map("train_step", shards, [tokens] * len(shards))
+                    shares = self.shares(self.critic, prompts, mini, "values")
+                    critic = self.critic.map("train_step", shares, [tokens] * len(shares))
                 results = self.policy.get(policy)
                 policy_sums += [s for r in results for s in r["sums"]]
                 grad_norms.append(results[0]["grad_norm"])
@@ -403,29 +427,24 @@ class OnlineJob:
         out.update({f"critic/{k}": v for k, v in finish_metrics(critic_sums).items() if k != "examples"})
         return out
 
-    def collate_policy(self, adapter, rows: list[Row]):
-        return collate_rl(adapter, rows, with_reference=self.name in GROUP_BASELINES)  # else the KL is in the reward
-
-    def shards(self, group, rows: list[Row], collate, equal: bool = False) -> list[list]:
-        """Rows split evenly over the group's workers, as micro-batches (a worker may get none).
-        `equal`: every worker gets as many micro-batches as the busiest one (DeepSpeed runs
-        collectives in each forward and backward); the missing ones hold a copy of a row with
-        no label, which adds no loss, no gradient and no metric."""
+    def shares(self, group, prompts: list, rows: list[Row], kind: str, equal: bool = False) -> list[RowsShare]:
+        """Rows split evenly over the group's workers, each a RowsShare it collates into micro-batches
+        (a worker may get none). `equal`: every worker runs as many micro-batches as the busiest one
+        (DeepSpeed runs collectives in each forward and backward); the missing ones are a copy of a
+        row with no label, which adds no loss, no gradient and no metric."""
         world, micro = group.world_size, self.spec.trainer.micro_batch_size
         size = -(-len(rows) // world)
-        shares = [rows[w * size:(w + 1) * size] for w in range(world)]
-        chunks = [[share[i:i + micro] for i in range(0, len(share), micro)] for share in shares]
-        if equal:
-            most = max(len(c) for c in chunks)
-            blank = dataclasses.replace(rows[0], example=dataclasses.replace(
-                rows[0].example, labels=[-100] * len(rows[0].example.labels)))
-            chunks = [c + [[blank]] * (most - len(c)) for c in chunks]
-        return [[collate(self.adapter, chunk) for chunk in c] for c in chunks]
+        parts = [rows[w * size:(w + 1) * size] for w in range(world)]
+        most = max(-(-len(part) // micro) for part in parts) if equal else 0
+        return [RowsShare(prompts, part or rows[:1], micro, kind, pad_to=most, blank=not part) for part in parts]
 
     def shutdown(self) -> None:
+        if self.stream is not None:
+            self.stream.close()
         groups = (self.policy, self.reference, self.rollout, self.reward_model, self.critic)
         for group in {id(g): g for g in groups if g is not None}.values():
             group.shutdown()
+        self.data.close()
 
 
 def run_online(spec: JobSpec, run_dir: pathlib.Path) -> dict:

@@ -191,13 +191,14 @@ def plan_spec(spec: JobSpec, nodes: list[dict[str, float]]) -> Plan:
     free = [dict(node) for node in nodes]
     problems = [f"resources.{group.role}: {problem}" for group in groups if (problem := place(free, group))]
     plan = Plan(nodes, groups, peak, pipeline_cpus=sum(node.get("CPU", 0.0) for node in free), problems=problems)
-    if spec.algorithm.name not in ONLINE_ALGORITHMS:
-        try:
-            budget = pipeline_budget(spec, roles, cluster_cpus=sum(node.get("CPU", 0.0) for node in nodes))
-            if not problems and max((node.get("CPU", 0.0) for node in free), default=0.0) + 1e-9 < budget.task_cpus:
-                problems.append(f"data pipeline: no node has {budget.task_cpus:g} CPU left for an encode task")
-        except PipelineBudgetError as error:
-            problems.append(f"data pipeline: {error}")
+    try:  # offline data and online prompts both stream through the pipeline
+        budget = pipeline_budget(spec, roles, cluster_cpus=sum(node.get("CPU", 0.0) for node in nodes))
+        largest = max((node.get("CPU", 0.0) for node in free), default=0.0)
+        if not problems and largest + 1e-9 < max(budget.encoder_cpus, budget.reader_cpus):
+            problems.append(f"data pipeline: no node has {max(budget.encoder_cpus, budget.reader_cpus):g} CPU left "
+                            "for its actors")
+    except PipelineBudgetError as error:
+        problems.append(f"data pipeline: {error}")
     return plan
 
 

@@ -58,12 +58,16 @@ def precompute_reference(spec: JobSpec, data, stage) -> str:
     filesystem.delete_dir_contents(inner, missing_dir_ok=True)
     from jobs.common import raising_bad_records
 
-    for name, records in (("train", data.train), ("held_out", data.held_out)):
-        if records is None:
-            continue
-        encoded = encoded_dataset(records, data.settings, sink=data.sink, resources=data.resources)
-        table = stage(encoded).select_columns(["id", "reference"])
-        raising_bad_records(table.write_parquet, f"{folder}/{name}")
+    from vlrlhf.data.order import Window
+    from vlrlhf.data.pipeline import record_dataset
+
+    # one execution (one start of the readers, encoders and reference actors): the held-out
+    # records, then every train unit in file order
+    windows = data.held_out_windows() + [Window(0, index, (index,), count)
+                                         for index, count in enumerate(data.train_counts) if count]
+    records = record_dataset((data.train, data.held_out_source or data.train), windows, data.resources)
+    encoded = encoded_dataset(records, data.settings, sink=data.sink, resources=data.resources)
+    raising_bad_records(stage(encoded).select_columns(["id", "reference"]).write_parquet, f"{folder}/pairs")
     _write_text(folder, MANIFEST, manifest)
     _write_text(folder, MARKER, "")
     print(f"reference log-probs precomputed in {time.perf_counter() - started:.1f}s: {folder}")

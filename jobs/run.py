@@ -6,6 +6,7 @@ is one clear message and exit code 2, before Ray starts.
 
 from __future__ import annotations
 
+import logging
 import os
 import pathlib
 import sys
@@ -42,6 +43,9 @@ def start_ray(dashboard: bool | None = None) -> None:
     runtime_env["env_vars"].setdefault("RAY_worker_niceness", os.environ.get("RAY_worker_niceness", "0"))
     if not address and not _has_cuda():  # a local CPU cluster: DeepSpeed need not probe (and warn) per worker
         runtime_env["env_vars"].setdefault("DS_ACCELERATOR", "cpu")
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")  # nor in this process (roles in-process, checkpoints)
+    if not address:  # a cluster this command starts keeps Ray's token authentication; the URL line says so
+        logging.getLogger("ray._private.authentication.authentication_token_setup").addFilter(_DropAuthNotice())
     if address:
         context = ray.init(address=address, runtime_env=runtime_env, logging_level="WARNING")
     else:
@@ -57,6 +61,14 @@ def start_ray(dashboard: bool | None = None) -> None:
     ray.data.DataContext.get_current().enable_progress_bars = False
     if os.environ.get("VLRLHF_VERBOSE", "0").lower() in ("0", "false", "no", "off", ""):
         quiet_logs()
+
+
+class _DropAuthNotice:
+    """Ray announces that a local cluster uses token authentication (how to opt out); the
+    dashboard line printed after start-up says what the token is for."""
+
+    def filter(self, record) -> bool:
+        return not record.getMessage().startswith("Token authentication is enabled")
 
 
 class _DropProgressBarNotice:

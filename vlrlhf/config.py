@@ -57,6 +57,9 @@ class DataSpec(Section):
     # outside the actor groups' placement groups, so at least one CPU must be left free by
     # them: checked against the cluster before anything starts (jobs.common.pipeline_budget).
     pipeline_cpus: int = Field(1, ge=1)
+    # The seeded order shuffles read units, then records inside windows of at least this many
+    # records (vlrlhf.data.order); one window's records are held by one reader at a time.
+    shuffle_window: int = Field(1024, ge=1)
 
     @field_validator("train", "eval", mode="before")
     @classmethod

@@ -9,7 +9,7 @@ import torch
 
 from actors.critic import CriticWorker
 from actors.reward import RewardModelWorker
-from jobs.rows import Row, collate_values, rl_example, scatter, scoring_batches
+from vlrlhf.rows import Row, collate_values, rl_example, scatter, scoring_batches
 from tests.actors.rollout_check import request
 from vlrlhf.config import CriticSpec, ModelSpec, TrainerSpec
 from vlrlhf.models.registry import load_adapter

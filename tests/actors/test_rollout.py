@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from actors.rollout import Sampling, TransformersEngine, make_engine
-from jobs.rows import Row, rl_example
+from vlrlhf.rows import Row, rl_example
 from tests.actors.rollout_check import recomputed_logprobs, request
 
 SCRIPT = pathlib.Path(__file__).with_name("rollout_check.py")

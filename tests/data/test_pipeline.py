@@ -1,6 +1,7 @@
 """The Ray Data pipeline on a local Ray: same examples as the single-process encoder,
-a seeded order independent of block layout, exact resume by key, shards and folders and
-save_to_disk datasets as sources, no eval leakage, and the bad-record policy in tasks."""
+a seeded windowed order independent of encoders and blocks, exact resume by key,
+shards and folders and save_to_disk datasets as sources, no eval leakage, held-out
+windows with one row per record, and the bad-record policy in the actors."""
 
 from __future__ import annotations
 
@@ -11,8 +12,9 @@ import pytest
 import torch
 
 from vlrlhf.data.ledger import start_ledger
-from vlrlhf.data.pipeline import (BadRows, EncodedPair, EncodeSettings, RecordSource, encode_record,
-                                  encoded_dataset, epoch_dataset, in_eval_split, iter_items, order_key,
+from vlrlhf.data.order import Window, make_key, plan_windows, record_hash
+from vlrlhf.data.pipeline import (BadRows, EncodedPair, EncodeSettings, PipelineResources, RecordSource,
+                                  count_records, encode_record, encoded_dataset, in_eval_split, iter_items,
                                   record_dataset)
 from vlrlhf.data.reader import BadRecordError, read_records
 from vlrlhf.data.sources import expand_sources
@@ -35,40 +37,104 @@ def same(a, b) -> bool:
             and a.extras.keys() == b.extras.keys() and all(torch.equal(a.extras[k], b.extras[k]) for k in a.extras))
 
 
+def source_of(paths, data_format: str, **kwargs) -> RecordSource:
+    return RecordSource(tuple(expand_sources(paths)), data_format, **kwargs)
+
+
 def records_of(paths, data_format: str, **kwargs):
-    return record_dataset(RecordSource(tuple(expand_sources(paths)), data_format, **kwargs))
+    return record_dataset(source_of(paths, data_format, **kwargs))
+
+
+def ordered(source: RecordSource, seed: int, epochs: range, window_rows: int = 1024, after_key=None, **kwargs):
+    windows = plan_windows(count_records(source), seed, epochs, window_rows, after_key)
+    return record_dataset(source, windows, **kwargs)
 
 
 def test_pipeline_equals_single_process_encoder_in_seeded_order(ray_cluster, shapes, tiny_path):
     records = read_records(str(shapes / "preference.json"), "plain_dpo")  # the single-process oracle
     settings = EncodeSettings(model_path=str(tiny_path("qwen2_vl")), task="preference", image_root=str(shapes))
-    dataset = records_of(str(shapes / "preference.json"), "plain_dpo")
-    items = list(iter_items(encoded_dataset(epoch_dataset(dataset, 3, 0), settings, batch_size=4)))
-    expected = sorted(records, key=lambda r: order_key(r.id, 3, 0))
-    assert [i.id for i in items] == [r.id for r in expected] and len(items) == 24
-    assert [i.key for i in items] == sorted(order_key(r.id, 3, 0) for r in records)
+    source = source_of(str(shapes / "preference.json"), "plain_dpo")
+    both = list(iter_items(encoded_dataset(ordered(source, 3, range(0, 2)), settings, batch_size=4)))
+    items = both[:24]  # one execution streams both epochs, in order
+    expected = sorted(records, key=lambda r: record_hash(r.id, 3, 0))  # one file, one window: a hash order
+    assert [i.id for i in items] == [r.id for r in expected] and len(both) == 48
+    assert [i.key for i in both] == [make_key(epoch, 0, rank) for epoch in (0, 1) for rank in range(24)]
     adapter = load_adapter(tiny_path("qwen2_vl"))
     assert all(same(item.encoded, encode_record(adapter, record, settings)) for item, record in zip(
         items, expected, strict=True))
-    other_epoch = [i.id for i in iter_items(encoded_dataset(epoch_dataset(dataset, 3, 1), settings))]
-    assert sorted(other_epoch) == sorted(i.id for i in items) and other_epoch != [i.id for i in items]
+    assert sorted(i.id for i in both[24:]) == sorted(i.id for i in items)
+    assert [i.id for i in both[24:]] == [r.id for r in sorted(records, key=lambda r: record_hash(r.id, 3, 1))]
     # resume after the 9th key of the order: exactly the examples 10.. of the uninterrupted epoch
-    resumed = list(iter_items(encoded_dataset(epoch_dataset(dataset, 3, 0, after_key=items[8].key), settings)))
+    resumed = list(iter_items(encoded_dataset(ordered(source, 3, range(0, 1), after_key=items[8].key), settings)))
     assert [i.id for i in resumed] == [i.id for i in items[9:]]
     assert all(same(a.encoded, b.encoded) for a, b in zip(resumed, items[9:], strict=True))
 
 
-def test_shards_folders_globs_and_saved_datasets_read_the_same_records(ray_cluster, shapes, tmp_path):
-    import datasets
+def write_shards(shapes: pathlib.Path, folder: pathlib.Path) -> list[dict]:
+    """preference.json as three Parquet shards, the first with two row groups (4 read units)."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
     rows = json.loads((shapes / "preference.json").read_text())
-    folder = tmp_path / "shards"
-    folder.mkdir()
-    for index in range(3):  # three shards, the first with two row groups
+    folder.mkdir(exist_ok=True)
+    for index in range(3):
         pq.write_table(pa.Table.from_pylist(rows[index * 8:(index + 1) * 8]), folder / f"part-{index}.parquet",
                        row_group_size=4 if index == 0 else 8)
+    return rows
+
+
+def test_the_order_over_shards_is_windows_of_shuffled_units_whatever_the_encoders_and_blocks(
+        ray_cluster, shapes, tiny_path, tmp_path, monkeypatch):
+    import vlrlhf.data.pipeline as pipeline
+
+    write_shards(shapes, tmp_path / "shards")
+    source = source_of(str(tmp_path / "shards"), "plain_dpo")
+    assert count_records(source) == [4, 4, 8, 8]
+    windows = plan_windows([4, 4, 8, 8], 5, range(0, 2), window_rows=6)
+    unit_ids = [[f"part-0.parquet:{row}" for row in range(1, 5)], [f"part-0.parquet:{row}" for row in range(5, 9)],
+                [f"part-1.parquet:{row}" for row in range(1, 9)], [f"part-2.parquet:{row}" for row in range(1, 9)]]
+    oracle = []  # the order written out from its definition: units of a window together, a hash inside
+    for window in windows:
+        ids = [i for unit in window.units for i in unit_ids[unit]]
+        oracle += sorted(ids, key=lambda i, w=window: record_hash(i, 5, w.epoch))
+    settings = EncodeSettings(model_path=str(tiny_path("llava")), task="preference", image_root=str(shapes))
+    one = [i.id for i in iter_items(encoded_dataset(record_dataset(source, windows), settings))]
+    monkeypatch.setattr(pipeline, "BLOCK_ROWS", 3)  # other blocks, two encoders, small encode batches
+    two = [(i.id, i.key) for i in iter_items(encoded_dataset(
+        record_dataset(source, windows), settings, batch_size=2,
+        resources=PipelineResources(encoders=2, encoder_cpus=0.5)))]
+    assert one == oracle == [i for i, _ in two] and len(one) == 48
+    assert [k for _, k in two] == sorted(k for _, k in two)  # keys increase along the run
+    assert sorted(one[:24]) == sorted(one[24:])  # each epoch: every record once
+    assert [w.units for w in windows[:3]] != [w.units for w in windows[3:]]  # another unit order per epoch
+
+
+def test_held_out_windows_give_exactly_one_row_per_record(ray_cluster, shapes, tiny_path, tmp_path):
+    """A held-out record that fails to encode leaves an empty row (counted in the ledger), so the
+    driver knows the stream's first num_held_out rows are the held-out set."""
+    import ray
+
+    path = write_bad_file(shapes)
+    ledger = start_ledger("skip", tmp_path / "quarantine.jsonl")
+    held_out = source_of(path, "plain_dpo", sink=BadRows("skip", ledger))
+    counts = count_records(held_out)  # the read stage drops the rows it cannot convert (counted)
+    train = source_of(str(shapes / "preference.json"), "plain_dpo")
+    windows = [Window(0, 0, (0,), counts[0], source=1, exact=True), *plan_windows([24], 0, range(0, 1), 1024)]
+    settings = EncodeSettings(model_path=str(tiny_path("llava")), task="preference", image_root=str(shapes),
+                              max_length=80)
+    rows = encoded_dataset(record_dataset((train, held_out), windows), settings,
+                           sink=BadRows("skip", ledger)).take_all()
+    assert counts == [8] and len(rows) == 8 + 24  # 3 rows of 11 are bad at reading: not records
+    assert [r["id"] for r in rows[:8] if r["payload"]] == ["mixed.jsonl:1", "mixed.jsonl:2", "mixed.jsonl:9"]
+    assert all(r["payload"] for r in rows[8:])  # five bad at encoding left an empty row each
+    assert ray.get(ledger.counts.remote()) == EXPECTED_SKIPS
+
+
+def test_shards_folders_globs_and_saved_datasets_read_the_same_records(ray_cluster, shapes, tmp_path):
+    import datasets
+
+    folder = tmp_path / "shards"
+    rows = write_shards(shapes, folder)
     saved = tmp_path / "saved"
     datasets.Dataset.from_list(rows).save_to_disk(str(saved))
     assert [u.part for u in expand_sources(str(folder / "part-0.parquet"))] == [0, 1]
@@ -145,19 +211,18 @@ def test_bad_records_skipped_counted_once_and_quarantined_with_two_pipeline_work
                                                                                      tmp_path):
     import ray
 
-    from vlrlhf.data.pipeline import PipelineResources
-
     path = write_bad_file(shapes)
     ledger = start_ledger("skip", tmp_path / "quarantine.jsonl")
     sink = BadRows("skip", ledger)
-    records = records_of(path, "plain_dpo", sink=sink)
+    records = source_of(path, "plain_dpo", sink=sink)
     settings = EncodeSettings(model_path=str(tiny_path("llava")), task="preference", image_root=str(shapes),
                               max_length=80)
-    two = PipelineResources(task_cpus=0.5, concurrency=2)
-    for epoch in range(2):  # every epoch re-reads and re-encodes: counts must not add up
-        items = list(iter_items(encoded_dataset(epoch_dataset(records, 0, epoch), settings, sink=sink,
-                                                batch_size=2, resources=two)))
-        assert sorted(i.id for i in items) == ["mixed.jsonl:1", "mixed.jsonl:2", "mixed.jsonl:9"]
+    two = PipelineResources(encoders=2, encoder_cpus=0.5)
+    counts = raising_bad_records(count_records, records)
+    # two epochs in one execution: every row is read and encoded twice, the counts must not add up
+    items = list(iter_items(encoded_dataset(record_dataset(records, plan_windows(counts, 0, range(0, 2), 1024)),
+                                            settings, sink=sink, batch_size=2, resources=two)))
+    assert sorted(i.id for i in items) == sorted(["mixed.jsonl:1", "mixed.jsonl:2", "mixed.jsonl:9"] * 2)
     assert ray.get(ledger.counts.remote()) == EXPECTED_SKIPS
     lines = [json.loads(line) for line in (tmp_path / "quarantine.jsonl").read_text().splitlines()]
     assert sorted(line["reason"] for line in lines) == sorted(EXPECTED_SKIPS)
@@ -178,14 +243,3 @@ def test_wrong_record_type_for_the_task(ray_cluster, shapes, tiny_path):
     settings = EncodeSettings(model_path=str(tiny_path("qwen2_vl")), task="preference", image_root=str(shapes))
     assert encoded_dataset(records, settings, sink=BadRows("skip", ledger)).take_all() == []
     assert ray.get(ledger.counts.remote()) == {"wrong_record_type": 2}
-
-
-def test_the_sort_splits_into_blocks_by_key_range_and_keeps_the_order(ray_cluster, shapes, monkeypatch):
-    import vlrlhf.data.pipeline as pipeline
-
-    monkeypatch.setattr(pipeline, "BLOCK_ROWS", 4)  # 24 records -> 6 key ranges
-    dataset = records_of(str(shapes / "preference.json"), "plain_dpo")
-    whole = [row["id"] for row in epoch_dataset(dataset, 5, 0).take_all()]
-    split = epoch_dataset(dataset, 5, 0, rows=24).materialize()
-    assert [row["id"] for row in split.take_all()] == whole  # the same order
-    assert split.num_blocks() >= 4  # in pieces the next stages can take in parallel

@@ -40,6 +40,12 @@ def test_eval_writes_predictions_scores_and_a_table(ray_cluster, tiny_path, tmp_
     image = base64.b64decode(rows[0]["image"])
     expected = oracle({"key": ["k"], "prompt": [first["prompt"]], "images": [[image]]})["prediction"][0]
     assert first["prediction"] == expected and first["prompt"] == rows[0]["question"]
+    # resources.num_workers=0: the generator in this process (no Ray): the same predictions and scores
+    local = tmp_path / "local"
+    assert main(["eval", "--model", str(model), "--bench", "shapes", "--data", str(bench_dir), "--output", str(local),
+                 "on_bad_record=skip", "generation.max_new_tokens=4", "resources.num_workers=0"]) == 0
+    assert (local / "shapes" / "predictions.jsonl").read_text() == (out / "shapes" / "predictions.jsonl").read_text()
+    assert json.loads((local / "scores.json").read_text())["benchmarks"] == scores["benchmarks"]
     # compare: per-benchmark deltas
     other = tmp_path / "other"
     other.mkdir()

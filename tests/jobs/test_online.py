@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from actors.rollout import Sample, Sampling, TransformersEngine
-from jobs.rows import Row, collate_rl, rl_example
+from vlrlhf.rows import Row, collate_rl, rl_example
 from jobs.run import run_job
 from tests.actors.rollout_check import request
 from vlrlhf.config import OnlineSpec

@@ -66,15 +66,33 @@ def test_grpo_killed_after_a_checkpoint_resumes_exactly_across_an_epoch(ray_clus
     assert full[3]["train/reward"] != full[1]["train/reward"]  # not a run that repeats itself anyway
 
 
-def test_async_ppo_on_ray_actors_resumes_exactly(ray_cluster, tmp_path, tiny_path):
+def forbid_rows_in_the_driver(monkeypatch) -> None:
+    """The driver process cannot read a data row, load an image or collate a batch: the online
+    driver holds references, tokens and numbers; the workers do the rest (these patches do not
+    reach their processes)."""
+    import vlrlhf.data.images
+    import vlrlhf.data.shares
+    import vlrlhf.models.base
+
+    def forbidden(*args, **kwargs):
+        raise AssertionError("the online driver touched prompt rows, images or batches")
+
+    monkeypatch.setattr(vlrlhf.data.shares, "load_rows", forbidden)
+    monkeypatch.setattr(vlrlhf.data.images, "load_image", forbidden)
+    monkeypatch.setattr(vlrlhf.models.base, "collate_examples", forbidden)
+
+
+def test_async_ppo_on_ray_actors_resumes_exactly(ray_cluster, tmp_path, tiny_path, monkeypatch):
     """PPO with every role on Ray actors (policy, critic, reference, reward model, two rollout
     engines sharing each step's prompts) and asynchronous rollouts: step 2's checkpoint carries
     step 3's samples, drawn before step 2's update. Resuming from it in a new job with fresh
-    actors repeats step 3 exactly."""
+    actors repeats step 3 exactly. Neither job's driver reads a prompt, an image or a batch."""
+    reward_model = reward_model_folder(tiny_path, tmp_path)
+    forbid_rows_in_the_driver(monkeypatch)
     group = "{num_workers: 1, cpus: 0.3}"
     overrides = ["trainer.max_steps=3", "online.prompts_per_step=4", "online.async_rollout=true",
                  "checkpoint.every=2", "checkpoint.keep_last=3", "trainer.lr=1e-3",
-                 f"online.reward_model={{path: {reward_model_folder(tiny_path, tmp_path)}, weight: 0.5}}",
+                 f"online.reward_model={{path: {reward_model}, weight: 0.5}}",
                  *[f"resources.{role}={group}" for role in ("policy", "critic", "reference", "reward")],
                  "resources.rollout={num_workers: 2, cpus: 0.2}"]
     config = str(ROOT / "configs" / "demo_ppo.yaml")

