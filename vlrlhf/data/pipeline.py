@@ -6,7 +6,7 @@
       windows (vlrlhf.data.order)           the driver plans epochs e..E: units shuffled,
                                             grouped into windows, resume point dropped
       -> map_batches(WindowReader)          actors: read a window's units, convert, shuffle
-                                            inside the window, blocks of BLOCK_ROWS records
+                                            inside the window; one item per BLOCK_ROWS ranks
       -> map_batches(Encoder)               actors with the processor loaded once: load
                                             images, run the adapter: payload rows
       [-> reference stage]                  jobs add reference log-prob columns
@@ -292,37 +292,57 @@ NO_RESTARTS = {"max_restarts": 0, "max_task_retries": 0}
 
 
 class WindowReader:
-    """Ray Data actor: windows -> blocks of at most BLOCK_ROWS records (id, key, record, exact) in
-    the window's order, without the ranks a resumed run already trained. Reads the window's
-    units from its source, converts their rows and orders them (vlrlhf.data.order); imports no
-    torch."""
+    """Ray Data actor: (window, part) items -> one block each of the records (id, key, record,
+    exact) whose ranks in the window's order fall in the part, without the ranks a resumed run
+    already trained. Reads the window's units from its source, converts their rows and orders
+    them (vlrlhf.data.order), and keeps the last window it read for the window's next parts;
+    imports no torch.
+
+    One item per block, not one per window: Ray Data gathers everything one task yields into
+    one block (up to 128 MB), so a window read in one task would reach the encoders as one
+    block, encoded by one actor and released only when all of it is done."""
 
     def __init__(self, sources: tuple[RecordSource, ...]):
         self.sources = sources
+        self.window_id = None
+        self.ordered = []
 
     def __call__(self, batch: dict):
-        from vlrlhf.data.order import make_key, window_order
+        from vlrlhf.data.order import make_key
 
-        for blob in batch["window"]:
+        for blob, first, end in zip(batch["window"], batch["first"], batch["end"]):
             window = pickle.loads(blob)
+            ordered = self.read(window)
+            first, end = max(int(first), window.after_rank + 1), len(ordered) if end < 0 else int(end)
+            if first < end:
+                yield _record_block([ordered[rank][0].id for rank in range(first, end)],
+                                    [make_key(window.epoch, window.index, rank) for rank in range(first, end)],
+                                    [pickle.dumps(ordered[rank]) for rank in range(first, end)], window.exact)
+
+    def read(self, window) -> list:
+        """The window's (record, row) pairs in its order, read once per window."""
+        from vlrlhf.data.order import window_order
+
+        window_id = (window.source, window.epoch, window.index, window.units)
+        if window_id != self.window_id:
             source = self.sources[window.source]
             records = [pair for unit in window.units for pair in unit_records(source.units[unit], source)]
             if window.rows >= 0 and len(records) != window.rows:
                 names = ", ".join(sorted({source.units[u].path for u in window.units}))
                 raise ValueError(f"{names}: {len(records)} records where the count pass found {window.rows}: "
                                  "the data changed while the job ran")
-            ids, keys, blobs = [], [], []
-            for rank, position in enumerate(window_order([record.id for record, _ in records], window)):
-                if rank <= window.after_rank:
-                    continue
-                ids.append(records[position][0].id)
-                keys.append(make_key(window.epoch, window.index, rank))
-                blobs.append(pickle.dumps(records[position]))
-                if len(ids) == BLOCK_ROWS:
-                    yield _record_block(ids, keys, blobs, window.exact)
-                    ids, keys, blobs = [], [], []
-            if ids:
-                yield _record_block(ids, keys, blobs, window.exact)
+            self.ordered = [records[position] for position in window_order([r.id for r, _ in records], window)]
+            self.window_id = window_id
+        return self.ordered
+
+
+def window_parts(window) -> list[tuple[int, int]]:
+    """[first, end) rank ranges of BLOCK_ROWS records covering what is left of a window; one
+    open range (end -1) when its size is unknown."""
+    if window.rows < 0:
+        return [(window.after_rank + 1, -1)]
+    return [(first, min(first + BLOCK_ROWS, window.rows))
+            for first in range(window.after_rank + 1, window.rows, BLOCK_ROWS)]
 
 
 def _record_block(ids: list, keys: list, blobs: list, exact: bool) -> dict:
@@ -358,7 +378,8 @@ def record_dataset(sources, windows: list | None = None, resources: PipelineReso
     context = ray.data.DataContext.get_current()
     context.raise_original_map_exception = True  # a BadRecordError reaches the consumer as itself
     context.execution_options.preserve_order = True
-    items = [{"window": pickle.dumps(window)} for window in windows]
+    items = [{"window": pickle.dumps(window), "first": first, "end": end}
+             for window in windows for first, end in window_parts(window)]
     dataset = ray.data.from_items(items, override_num_blocks=max(1, len(items)))
     with quiet_remote_args():
         return dataset.map_batches(WindowReader, fn_constructor_kwargs={"sources": sources}, batch_size=1,
