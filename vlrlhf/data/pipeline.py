@@ -310,7 +310,7 @@ class WindowReader:
     def __call__(self, batch: dict):
         from vlrlhf.data.order import make_key
 
-        for blob, first, end in zip(batch["window"], batch["first"], batch["end"]):
+        for blob, first, end in zip(batch["window"], batch["first"], batch["end"], strict=True):
             window = pickle.loads(blob)
             ordered = self.read(window)
             first, end = max(int(first), window.after_rank + 1), len(ordered) if end < 0 else int(end)
