@@ -54,13 +54,45 @@ def schedule(trainer: TrainerSpec, total_steps: int):
 
 
 def rng_state() -> dict:
-    return {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    """This process's random states as tensors and plain values (what a safe load reads back)."""
+    kind, keys, position, has_gauss, gauss = np.random.get_state()
+    version, internal, gauss_next = random.getstate()
+    return {"torch": torch.get_rng_state(),
+            "numpy": {"kind": kind, "keys": torch.from_numpy(keys.astype(np.int64)), "position": int(position),
+                      "has_gauss": int(has_gauss), "gauss": float(gauss)},
+            "python": {"version": version, "state": list(internal), "gauss_next": gauss_next}}
 
 
 def set_rng_state(state: dict) -> None:
     torch.set_rng_state(state["torch"])
-    np.random.set_state(state["numpy"])
-    random.setstate(state["python"])
+    numpy = state["numpy"]
+    np.random.set_state((numpy["kind"], numpy["keys"].numpy().astype(np.uint32), numpy["position"],
+                         numpy["has_gauss"], numpy["gauss"]))
+    python = state["python"]
+    random.setstate((python["version"], tuple(python["state"]), python["gauss_next"]))
+
+
+class UnsafeStateError(ValueError):
+    """A state file that holds more than tensors and plain values: it is not read (loading it
+    could run code); the message says why and what to do."""
+
+
+def load_state_file(path) -> dict:
+    """A state file written by `torch.save` of tensors and plain values (dicts, lists, numbers,
+    strings), read with torch's restricted unpickler (`weights_only=True`): it builds tensors
+    and containers only, so a file that names any other class or function is refused before
+    anything of it runs."""
+    import pickle
+
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as error:
+        reason = str(error).strip().splitlines()[0][:300]
+        raise UnsafeStateError(
+            f"{path}: refused to load: it holds objects other than tensors and plain values ({reason}). Loading "
+            "it could run code. A checkpoint written by vlrlhf before this version holds NumPy objects: resume is "
+            "not possible from it; start a new run from its weights instead (model.path=CHECKPOINT "
+            "checkpoint.resume=off)") from None
 
 
 def optimizer_step(parameters: list, world_size: int, optimizer, scheduler, max_grad_norm: float | None) -> float:

@@ -21,7 +21,7 @@ import pathlib
 import torch
 
 from actors.group import WorkerBase
-from actors.common import device, load_options, optimizer_step, rng_state, schedule, set_rng_state
+from actors.common import device, load_options, load_state_file, optimizer_step, rng_state, schedule, set_rng_state
 from vlrlhf.config import ModelSpec, TrainerSpec
 from vlrlhf.models.registry import load_adapter
 from vlrlhf.models.value_head import load_head, save_head, token_values
@@ -117,7 +117,7 @@ class CriticWorker(WorkerBase):
             loaded = type(self.model).from_pretrained(out, dtype=next(self.model.parameters()).dtype)
             self.model.load_state_dict(loaded.state_dict())
         self.head.load_state_dict(load_head(out).state_dict())
-        state = torch.load(out / STATE_FILE, weights_only=False)
+        state = load_state_file(out / STATE_FILE)  # tensors and plain values only
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         set_rng_state(state["rng"])

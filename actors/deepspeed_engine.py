@@ -99,9 +99,38 @@ class DeepSpeedStrategy:
         self.engine.save_checkpoint(str(pathlib.Path(folder) / STATE_FOLDER), tag=TAG)
 
     def load(self, folder: str) -> None:
+        self.engine.checkpoint_engine.load = load_engine_file  # never DeepSpeed's weights_only=False
         path, _ = self.engine.load_checkpoint(str(pathlib.Path(folder) / STATE_FOLDER), tag=TAG)
         if path is None:
             raise FileNotFoundError(f"{folder}: no DeepSpeed state under {STATE_FOLDER}/{TAG}")
+
+
+def deepspeed_globals() -> list:
+    """The classes a DeepSpeed ZeRO checkpoint names besides tensors and containers (its loss
+    scaler, the ZeRO stage enum, a parameter's fragment address): plain data, rebuilt without
+    running any of their code. Anything else in the file is refused."""
+    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    return [LossScaler, DynamicLossScaler, ZeroStageEnum, fragment_address]
+
+
+def load_engine_file(path: str, map_location=None):
+    """DeepSpeed's checkpoint-engine `load`, read with torch's restricted unpickler and the
+    allow-list above instead of DeepSpeed's own `torch.load(weights_only=False)`."""
+    import pickle
+
+    from actors.common import UnsafeStateError
+
+    with torch.serialization.safe_globals(deepspeed_globals()):
+        try:
+            return torch.load(path, map_location=map_location, weights_only=True)
+        except pickle.UnpicklingError as error:
+            reason = str(error).strip().splitlines()[0][:300]
+            raise UnsafeStateError(f"{path}: refused to load: it names objects outside a DeepSpeed checkpoint's "
+                                   f"tensors, plain values and allow-listed classes ({reason}); loading it could "
+                                   "run code") from None
 
 
 def gathered(parameters: list, strategy: DeepSpeedStrategy | None):

@@ -18,8 +18,8 @@ import time
 
 import torch
 
-from actors.common import (device, load_options, mixed_precision, optimizer_step, rng_state, schedule,
-                           set_rng_state)
+from actors.common import (device, load_options, load_state_file, mixed_precision, optimizer_step, rng_state,
+                           schedule, set_rng_state)
 from actors.group import WorkerBase, resolve
 from actors.reference import reference_for_share, reference_logps
 from actors.weight_sync import merged_state, send_staged, state_manifest, weight_group
@@ -265,7 +265,7 @@ class PolicyWorker(WorkerBase):
     def load_state(self, folder: str) -> dict:
         """Weights, optimizer, scheduler and RNG from a checkpoint; returns its trainer state."""
         out = pathlib.Path(folder)
-        state = torch.load(out / "trainer_state.pt", weights_only=False)
+        state = load_state_file(out / "trainer_state.pt")  # tensors and plain values only
         if self.deepspeed is not None:  # weights, optimizer and schedule from the engine's own files
             self.deepspeed.load(folder)
         elif self.model_spec.lora is not None:

@@ -6,6 +6,8 @@ PairLogps for DPO pairs, (completion, mismatched) log-probs for KTO.
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from actors.group import WorkerBase
@@ -49,25 +51,27 @@ class ReferenceWorker(WorkerBase):
 
 # ---------------------------------------------------------------- the reference as a pipeline stage
 
-def row_values(output, rows: int) -> list[tuple]:
-    """One micro-batch's reference output -> a small tuple of floats per row (what the
-    pipeline's `reference` column and the precomputed Parquet hold)."""
+def row_values(output, rows: int) -> list[list[float]]:
+    """One micro-batch's reference output -> a short list of floats per row: what the pipeline's
+    `reference` column and the precomputed Parquet hold (an Arrow list<double>, never a pickle).
+    Pairs: chosen, rejected log-probs, their token counts and mDPO's corrupted-image log-prob
+    (NaN without mDPO); KTO: the completion's and its mismatched twin's log-probs."""
     if isinstance(output, tuple):  # KTO: (completion, mismatched)
-        return [(float(output[0][i]), float(output[1][i])) for i in range(rows)]
+        return [[float(output[0][i]), float(output[1][i])] for i in range(rows)]
     corrupted = output.corrupted
-    return [(float(output.chosen[i]), float(output.rejected[i]), float(output.chosen_lengths[i]),
-             float(output.rejected_lengths[i]), None if corrupted is None else float(corrupted[i]))
+    return [[float(output.chosen[i]), float(output.rejected[i]), float(output.chosen_lengths[i]),
+             float(output.rejected_lengths[i]), math.nan if corrupted is None else float(corrupted[i])]
             for i in range(rows)]
 
 
-def stack_values(values: list[tuple]):
-    """Per-row tuples of one micro-batch -> what the objective takes (PairLogps, or KTO's pair)."""
+def stack_values(values: list[list[float]]):
+    """Per-row lists of one micro-batch -> what the objective takes (PairLogps, or KTO's pair)."""
     from vlrlhf.training import PairLogps
 
     columns = list(zip(*values, strict=True))
     if len(columns) == 2:
         return torch.tensor(columns[0]), torch.tensor(columns[1])
-    corrupted = None if columns[4][0] is None else torch.tensor(columns[4])
+    corrupted = None if math.isnan(columns[4][0]) else torch.tensor(columns[4])
     return PairLogps(torch.tensor(columns[0]), torch.tensor(columns[1]), torch.tensor(columns[2]).long(),
                      torch.tensor(columns[3]).long(), corrupted)
 
@@ -113,8 +117,9 @@ class ReferenceStage:
             chunk = items[start:start + self.micro_batch_size]
             (output,) = self.worker.logprobs([collate_items(self.worker.adapter, chunk)])
             values += row_values(output, len(chunk))
-        column = [pickle.dumps(None)] * len(batch["payload"])
+        column = [[] for _ in batch["payload"]]  # empty: a held-out record that failed to encode
         for index, value in zip(kept, values, strict=True):
-            column[index] = pickle.dumps(value)
-        batch["reference"] = np.array(column, dtype=object)
+            column[index] = value
+        # Python lists of floats become an Arrow list<double> (NumPy arrays would become a tensor type)
+        batch["reference"] = np.array(column + [None], dtype=object)[:-1]
         return batch

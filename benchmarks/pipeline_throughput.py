@@ -1,7 +1,7 @@
 """The data plane, measured: encode throughput and its scaling, and what a training run holds.
 
     .venv/bin/python benchmarks/pipeline_throughput.py encode [--pairs 2000]
-    .venv/bin/python benchmarks/pipeline_throughput.py scaling [--pairs 3000] [--nodes 1 2]
+    .venv/bin/python benchmarks/pipeline_throughput.py scaling [--pairs 3000] [--nodes 1 2] [--node-cpus 1]
     .venv/bin/python benchmarks/pipeline_throughput.py driver [--sizes 500 5000] [--steps 20] [--shape rlaifv]
     .venv/bin/python benchmarks/pipeline_throughput.py online [--sizes 2000 20000] [--steps 8]
 
@@ -11,9 +11,10 @@ single-process loop (the peer) measured in the same run: pairs/s of each, from t
 encoded block to the last (the encoders warm), and the start-up (first block) apart.
 
 `scaling`: the pipeline on a `ray.cluster_utils.Cluster` with a 0-CPU head and 1, then 2
-worker nodes of 2 CPUs (data.pipeline_cpus = every worker CPU): rows/s and the cluster's
-CPU-seconds per encoded row from the first block to the last (flat = no per-row cost
-grows with the cluster).
+worker nodes of --node-cpus CPUs (the pipeline gets every worker CPU): rows/s and the
+cluster's CPU-seconds per encoded row from the first block to the last (flat = no per-row
+cost grows with the cluster). The nodes share this machine: keep nodes x node-cpus within
+its cores, or the figure measures oversubscription rather than the pipeline.
 
 `online`: a tiny-LLaVA GRPO run (configs/demo_grpo.yaml, policy and rollout engine on Ray
 workers) on N image prompts for each N in --sizes, each in a fresh process: the driver's
@@ -124,15 +125,15 @@ def cluster_cpu(cluster_processes) -> float:
     return total
 
 
-def scaling(pairs: int, node_counts: list[int]) -> None:
+def scaling(pairs: int, node_counts: list[int], node_cpus: int) -> None:
     os.environ.update(ENV)
     import psutil
     import ray
     from ray.cluster_utils import Cluster
 
-    from jobs.common import pipeline_resources
     from vlrlhf.data.order import plan_windows
-    from vlrlhf.data.pipeline import EncodeSettings, RecordSource, count_records, encoded_dataset, record_dataset
+    from vlrlhf.data.pipeline import (READ_CPUS, EncodeSettings, PipelineResources, RecordSource, count_records,
+                                      encoded_dataset, record_dataset)
     from vlrlhf.data.sources import expand_sources
 
     folder, model = pairs_and_model(pairs)
@@ -142,19 +143,21 @@ def scaling(pairs: int, node_counts: list[int]) -> None:
     for nodes in node_counts:
         cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0})
         for _ in range(nodes):
-            cluster.add_node(num_cpus=2)
+            cluster.add_node(num_cpus=node_cpus)
         ray.init(address=cluster.address, logging_level="ERROR")
         ray.data.DataContext.get_current().enable_progress_bars = False
         source = RecordSource(tuple(expand_sources(str(folder / "data" / "preference.json"))), "plain_dpo")
         windows = plan_windows(count_records(source), 0, range(0, 1), 256)  # windows for every reader
-        resources = pipeline_resources(2.0 * nodes)
+        # one encoder per worker CPU, sized so that one reader fits beside them on any node
+        resources = PipelineResources(encoders=node_cpus * nodes, encoder_cpus=1.0 - READ_CPUS)
         run = timed_stream(encoded_dataset(record_dataset(source, windows, resources), settings,
                                            resources=resources), cpu=lambda: cluster_cpu(
             lambda: me.children(recursive=True)))
         ray.shutdown()
         cluster.shutdown()
         rows.append((nodes, resources, run))
-    print(f"tiny llava, {pairs} preference pairs, 0-CPU head + worker nodes of 2 CPUs (one machine)")
+    print(f"tiny llava, {pairs} preference pairs, 0-CPU head + worker nodes of {node_cpus} CPU(s) (one machine, "
+          f"{os.cpu_count()} cores)")
     print(f"{'worker nodes':>12}{'encoders':>10}{'readers':>9}{'rows/s':>9}{'CPU-ms per row':>16}")
     for nodes, resources, run in rows:
         print(f"{nodes:>12}{resources.encoders:>10}{resources.readers:>9}{run['rows'] / run['steady_s']:>9.1f}"
@@ -357,6 +360,7 @@ def main() -> None:
     two = commands.add_parser("scaling")
     two.add_argument("--pairs", type=int, default=3000)
     two.add_argument("--nodes", type=int, nargs="+", default=[1, 2])
+    two.add_argument("--node-cpus", type=int, default=1)
     three = commands.add_parser("driver")
     three.add_argument("--sizes", type=int, nargs="+", default=[500, 5000])
     three.add_argument("--steps", type=int, default=20)
@@ -370,7 +374,7 @@ def main() -> None:
     elif args.command == "encode":
         encode(args.pairs)
     elif args.command == "scaling":
-        scaling(args.pairs, args.nodes)
+        scaling(args.pairs, args.nodes, args.node_cpus)
     else:
         driver(args.sizes, args.steps, args.shape)
 

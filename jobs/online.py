@@ -41,7 +41,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import io
+import json
 import pathlib
 import time
 
@@ -68,7 +68,7 @@ from vlrlhf.rows import Row, RowsShare, padded, unpadded
 from vlrlhf.training import finish_metrics
 
 GROUP_BASELINES = ("grpo", "rloo")
-ONLINE_STATE = "online_state.pt"  # the driver's part of a checkpoint
+ONLINE_STATE = "online_state.json"  # the driver's part of a checkpoint
 GAUGES = {  # Ray metrics of the step (the dashboard's Metrics page; Prometheus as ray_<name>)
     "train/reward": ("vlrlhf_reward", "mean sampled reward of the step"),
     "train/reference_kl": ("vlrlhf_kl", "KL(behaviour || reference) per completion token (k1 on the samples)"),
@@ -98,15 +98,19 @@ def make_gauges() -> dict:
 
 
 def read_online_state(source: str) -> dict:
-    """The driver's state file of a checkpoint folder or URI."""
+    """The driver's state file of a checkpoint folder or URI (JSON: nothing in it can run code)."""
     if is_uri(source):
         filesystem, root = open_uri(source)
-        with filesystem.open_input_file(f"{root}/{ONLINE_STATE}") as handle:
-            return torch.load(io.BytesIO(handle.read()), weights_only=False)
-    path = pathlib.Path(source) / ONLINE_STATE
-    if not path.is_file():
-        raise ValueError(f"checkpoint.resume: {source} is not a checkpoint of an online job (no {ONLINE_STATE})")
-    return torch.load(path, weights_only=False)
+        try:
+            with filesystem.open_input_file(f"{root}/{ONLINE_STATE}") as handle:
+                return json.loads(handle.read())
+        except FileNotFoundError:
+            pass
+    elif (pathlib.Path(source) / ONLINE_STATE).is_file():
+        return json.loads((pathlib.Path(source) / ONLINE_STATE).read_text())
+    raise ValueError(f"checkpoint.resume: {source} is not a checkpoint of an online job of this vlrlhf version (no "
+                     f"{ONLINE_STATE}; an earlier version wrote online_state.pt, a pickle, which is not read). "
+                     f"Start a new run from its weights instead: model.path={source} checkpoint.resume=off")
 
 
 def advantages_for(name: str, online, scores: torch.Tensor, rows: list[Row]):
@@ -278,7 +282,8 @@ class OnlineJob:
         driver = {"step": self.step, "epoch": self.epoch, "after_key": self.after_key, "submitted": self.submitted,
                   "pending": next_step, "order": ORDER, "shuffle_window": self.spec.data.shuffle_window,
                   "seed": self.spec.trainer.seed}
-        reports.append(write_folder(folder, lambda local: torch.save(driver, pathlib.Path(local) / ONLINE_STATE)))
+        reports.append(write_folder(folder, lambda local: (pathlib.Path(local) / ONLINE_STATE).write_text(
+            json.dumps(driver))))
         return reports
 
     def resume(self) -> None:

@@ -82,13 +82,21 @@ def load_rows(slices: list[tuple[object, int, int]], columns: tuple[str, ...]) -
 _PRECOMPUTED: dict[str, dict] = {}
 
 
-def precomputed_table(folder: str) -> dict[str, object]:
-    """id -> reference value of a precomputed Parquet folder (loaded once per process)."""
+def precomputed_table(folder: str) -> dict[str, list[float]]:
+    """id -> reference values of a precomputed Parquet folder (loaded once per process). The
+    `reference` column must be a list of floats: a table whose column holds anything else (a
+    pickle, as an earlier version wrote) is refused, never unpickled."""
     if folder not in _PRECOMPUTED:
+        import pyarrow as pa
         import pyarrow.dataset as ds
 
         table = ds.dataset(folder, format="parquet").to_table(columns=["id", "reference"])
-        _PRECOMPUTED[folder] = {row["id"]: pickle.loads(row["reference"]) for row in table.to_pylist()}
+        kind = table.schema.field("reference").type
+        if not (pa.types.is_list(kind) or pa.types.is_large_list(kind)) or not pa.types.is_floating(kind.value_type):
+            raise ValueError(f"{folder}: the precomputed reference table's `reference` column is {kind}, not a "
+                             "list of floats: refused (an earlier vlrlhf wrote pickles there; loading them could "
+                             "run code). Delete the folder and the next run recomputes it")
+        _PRECOMPUTED[folder] = {row["id"]: row["reference"] for row in table.to_pylist()}
     return _PRECOMPUTED[folder]
 
 
@@ -96,10 +104,10 @@ def load_share(share: Share) -> tuple[list, list | None, float, int]:
     """(encoded items, per-item reference values or None, label-token weight sum, largest key)."""
     rows = [row for row in load_rows(share.slices, ("payload", "reference", "weight", "key"))
             if row["payload"]]  # empty: a held-out record that failed to encode (counted in the ledger)
-    items = [pickle.loads(row["payload"]) for row in rows]
+    items = [pickle.loads(row["payload"]) for row in rows]  # made by this job's own encoders
     references = None
     if share.reference == "column":
-        references = [pickle.loads(row["reference"]) for row in rows]
+        references = [list(row["reference"]) for row in rows]
     elif share.precomputed is not None:
         table = precomputed_table(share.precomputed)
         references = [table[item.id] for item in items]
