@@ -280,9 +280,10 @@ def pipeline_budget(spec: JobSpec, roles: tuple[str, ...], cluster_cpus: float |
             f"leaving {max(free, 0):g} for the data pipeline, which needs {needed:g} (Ray Data runs {what} "
             "outside placement groups, so the job would wait forever). Lower resources.<role>.cpus "
             "(fractions work, e.g. 0.5) or add CPUs to the cluster")
+    memory = spec.data.pipeline_memory_mb
     if online:
-        return PipelineResources(encoders=0, encoder_cpus=0.0, readers=1, reader_cpus=READ_CPUS)
-    return pipeline_resources(min(float(spec.data.pipeline_cpus), free))
+        return PipelineResources(encoders=0, encoder_cpus=0.0, readers=1, reader_cpus=READ_CPUS, memory_mb=memory)
+    return dataclasses.replace(pipeline_resources(min(float(spec.data.pipeline_cpus), free)), memory_mb=memory)
 
 
 def pipeline_resources(cpus: float) -> PipelineResources:

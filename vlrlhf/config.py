@@ -53,10 +53,12 @@ class DataSpec(Section):
     max_pixels: int = Field(40_000_000, gt=0)
     on_bad_record: Literal["raise", "skip"] = "raise"
     format_options: dict[str, Any] = {}
-    # Encode tasks the Ray Data pipeline may run at once (one CPU each). Ray Data tasks run
+    # CPUs for the pipeline's window readers and warm encoders (Ray Data actors). They run
     # outside the actor groups' placement groups, so at least one CPU must be left free by
     # them: checked against the cluster before anything starts (jobs.common.pipeline_budget).
     pipeline_cpus: int = Field(1, ge=1)
+    # Object-store memory the pipeline's blocks may hold ahead of the trainer (MiB).
+    pipeline_memory_mb: int = Field(256, ge=16)
     # The seeded order shuffles read units, then records inside windows of at least this many
     # records (vlrlhf.data.order); one window's records are held by one reader at a time.
     shuffle_window: int = Field(1024, ge=1)

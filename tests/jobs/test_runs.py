@@ -133,6 +133,7 @@ def test_pipeline_budget_is_what_the_groups_leave_free():
     assert budget(4, "data.pipeline_cpus=3") == PipelineResources(3, 2.75 / 3, 1)
     assert budget(4, "data.pipeline_cpus=8") == PipelineResources(3, 2.75 / 3, 1)  # never more than is free
     assert budget(16, "data.pipeline_cpus=8") == PipelineResources(8, 7.5 / 8, 2)  # a reader per four CPUs
+    assert budget(4, "data.pipeline_memory_mb=64").memory_mb == 64  # the object-store bound passes through
     assert budget(2, "resources.policy.cpus=0.5", "resources.reference={num_workers: 1, cpus: 0.5}") == \
         PipelineResources(1, 0.75, 1)
     for cpus in (1, 1.5, 2, 3.7, 8, 33):  # whatever is free: the pools' CPUs add up to it, or to less
