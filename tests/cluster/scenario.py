@@ -10,7 +10,8 @@ separate disks; checkpoints go to S3 (moto on loopback) or a shared folder.
    killed while it scores (from a thread: the stage runs ahead of the policy), then a
    policy worker before step 3, then the node of policy rank 0 (the checkpoint writer)
    before step 4, and a replacement node is added, as KubeRay would. trainer.max_failures
-   restarts the job for the last two; Ray Data restarts its own actor for the first.
+   restarts the job each time (the pipeline's actors do not restart themselves: a lost one
+   fails the stream, and the job resumes from its newest complete checkpoint).
 2. the same spec resumed from that run's step-2 checkpoint with no failure: the final
    weights must be equal.
 3. online GRPO with the rollout on node C and the policy on node A.
