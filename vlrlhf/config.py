@@ -144,6 +144,7 @@ class RewardTermSpec(Section):
     options: dict[str, Any] = {}
     on_error: Literal["raise", "fallback"] = "raise"
     fallback: float = 0.0
+    timeout_s: float | None = Field(60.0, gt=0)  # per call; a call past it fails its batch's samples
 
 
 class RewardModelSpec(Section):

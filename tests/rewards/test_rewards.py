@@ -56,3 +56,39 @@ def test_options_must_fit_the_function():
         RewardSet([RewardTerm("format_match")])  # a required option left out
     RewardSet([RewardTerm("numeric", options={"rel_tol": 0.01}),  # known options, and any for **options
                RewardTerm("tests.rewards.user_rewards:shaky", options={"anything": 1})])
+
+
+def test_a_reward_call_past_its_time_limit_fails_its_batch_and_the_job_goes_on():
+    """A verifier that never answers: under on_error raise the job stops naming it and the
+    limit; under fallback the batch's samples get the fallback and are counted, and the
+    next batch is scored as usual (the stalled call is left in a daemon thread)."""
+    import time
+
+    records = [record("a", i) for i in range(3)]
+    stalls = "tests.rewards.user_rewards:stalls"
+    started = time.perf_counter()
+    with pytest.raises(RewardError, match=r"stalls failed on sample 0 \(record p:0\): the batch call took "
+                                          r"longer than 0.2 s \(timeout_s\)"):
+        RewardSet([RewardTerm(stalls, timeout_s=0.2, options={"seconds": 2.0})]).score(["ok", "stall", "ok"],
+                                                                                       records)
+    lenient = RewardSet([RewardTerm(stalls, timeout_s=0.2, options={"seconds": 2.0}, on_error="fallback",
+                                    fallback=-1.0), RewardTerm("exact_match")])
+    result = lenient.score(["a", "stall", "b"], records)
+    assert result.terms[stalls] == [-1.0, -1.0, -1.0] and result.failures[stalls] == 3
+    assert result.total == [0.0, -1.0, -1.0]  # exact_match still scored: 1 + -1, 0 + -1, 0 + -1
+    assert time.perf_counter() - started < 1.5  # neither call waited for the stalled function
+    assert lenient.score(["a", "a"], records[:2]).total == [2.0, 2.0] and not \
+        lenient.score(["a"], records[:1]).failures
+    from vlrlhf.config import RewardTermSpec
+
+    assert RewardTermSpec(function="exact_match").timeout_s == 60.0  # the default limit a spec gets
+
+
+def test_a_prompt_without_an_answer_is_a_named_failure_of_a_rule_reward():
+    unanswered = [record(None, 0), record("red", 1)]
+    with pytest.raises(RewardError, match=r"exact_match failed on sample 0 \(record p:0\): raised ValueError: "
+                                          r"record p:0 has no answer for a rule reward"):
+        RewardSet([RewardTerm("exact_match")]).score(["red", "red"], unanswered)
+    result = RewardSet([RewardTerm("exact_match", on_error="fallback", fallback=0.0)]).score(["red", "red"],
+                                                                                             unanswered)
+    assert result.total == [0.0, 1.0] and result.failures["exact_match"] == 1

@@ -15,3 +15,12 @@ def shaky(completions, records, **options):
 
 def too_few(completions, records, **options):
     return [1.0]
+
+
+def stalls(completions, records, **options):
+    """Hangs (for `seconds`) on a completion that says 'stall': a remote verifier that never answers."""
+    import time
+
+    if any(completion == "stall" for completion in completions):
+        time.sleep(options.get("seconds", 3.0))
+    return [1.0] * len(completions)

@@ -9,6 +9,10 @@ values, or gives NaN/inf, the failing samples are found (one call per sample aft
 batch error) and either the job stops with an error naming the function, the sample
 (record id and index) and the cause (`on_error: raise`, default) or those samples get
 the term's `fallback` value and are counted (`on_error: fallback`). Never a silent zero.
+
+A call that takes longer than the term's `timeout_s` (60 s) fails every sample of the
+batch the same way (a verifier that never answers must not hang the job): it runs in a
+daemon thread, which is left behind when it does not return.
 """
 
 from __future__ import annotations
@@ -16,12 +20,40 @@ from __future__ import annotations
 import dataclasses
 import inspect
 import math
+import threading
 from collections import Counter
 from collections.abc import Callable
 
 
 class RewardError(ValueError):
     """A reward function failed on a sample under on_error=raise."""
+
+
+class RewardTimeout(RuntimeError):
+    """A reward call ran past its term's timeout_s."""
+
+
+def call_with_limit(function: Callable, timeout_s: float | None, *args, **kwargs):
+    """function(*args, **kwargs), or RewardTimeout after timeout_s (the call goes on in a daemon
+    thread that nothing waits for)."""
+    if timeout_s is None:
+        return function(*args, **kwargs)
+    box = {}
+
+    def target():
+        try:
+            box["value"] = function(*args, **kwargs)
+        except BaseException as error:  # noqa: BLE001 - handed to the caller
+            box["error"] = error
+
+    thread = threading.Thread(target=target, daemon=True, name="reward-call")
+    thread.start()
+    thread.join(timeout_s)
+    if thread.is_alive():
+        raise RewardTimeout(f"took longer than {timeout_s:g} s (timeout_s)")
+    if "error" in box:
+        raise box["error"]
+    return box["value"]
 
 
 @dataclasses.dataclass
@@ -31,6 +63,7 @@ class RewardTerm:
     options: dict = dataclasses.field(default_factory=dict)
     on_error: str = "raise"  # raise | fallback
     fallback: float = 0.0
+    timeout_s: float | None = 60.0  # per call; None: no limit
 
     def __post_init__(self):
         if self.on_error not in ("raise", "fallback"):
@@ -91,15 +124,18 @@ class RewardSet:
 
     def _term_values(self, term, function, completions, records, failures) -> list[float]:
         try:
-            values = list(function(completions, records, **term.options))
+            values = list(call_with_limit(function, term.timeout_s, completions, records, **term.options))
             if len(values) != len(completions):
                 raise ValueError(f"returned {len(values)} values for {len(completions)} completions")
             problems = {}
+        except RewardTimeout as error:  # one by one would wait as long again for each sample
+            values = [math.nan] * len(completions)
+            problems = {index: f"the batch call {error}" for index in range(len(completions))}
         except Exception as error:  # find the failing samples one by one
             values, problems = [], {}
             for index, (completion, record) in enumerate(zip(completions, records, strict=True)):
                 try:
-                    (value,) = function([completion], [record], **term.options)
+                    (value,) = call_with_limit(function, term.timeout_s, [completion], [record], **term.options)
                 except Exception as sample_error:  # noqa: BLE001  (any failure of user code is reported)
                     problems[index] = f"raised {type(sample_error).__name__}: {sample_error}"
                     value = math.nan
