@@ -307,16 +307,19 @@ def measure_online(prompts: int, steps: int) -> dict:
     return {"prompts": prompts, "code": code, "driver_peak_mb": peak[0] / 2**20}
 
 
+def in_fresh_process(command: str, *args: str) -> dict:
+    """This script's `command` in a fresh process (peaks are per run): the dict it prints as RESULT."""
+    out = subprocess.run([sys.executable, __file__, command, *args], capture_output=True, text=True, cwd=ROOT,
+                         env={**os.environ, **ENV})
+    line = [x for x in out.stdout.splitlines() if x.startswith("RESULT ")]
+    if not line:
+        print(out.stdout[-2000:], out.stderr[-4000:])
+        raise SystemExit(f"{command} {' '.join(args)} failed")
+    return json.loads(line[-1][len("RESULT "):])
+
+
 def online(sizes: list[int], steps: int) -> None:
-    rows = []
-    for prompts in sizes:  # a fresh process each
-        out = subprocess.run([sys.executable, __file__, "_online", str(prompts), str(steps)], capture_output=True,
-                             text=True, cwd=ROOT, env={**os.environ, **ENV})
-        line = [x for x in out.stdout.splitlines() if x.startswith("RESULT ")]
-        if not line:
-            print(out.stdout[-2000:], out.stderr[-4000:])
-            raise SystemExit(f"run with {prompts} prompts failed")
-        rows.append(json.loads(line[-1][len("RESULT "):]))
+    rows = [in_fresh_process("_online", str(prompts), str(steps)) for prompts in sizes]
     print(f"tiny-LLaVA GRPO, {steps} steps, policy and rollout engine on Ray workers, image prompts")
     for row in rows:
         print(f"{row['prompts']:>7} prompts   driver peak RSS {row['driver_peak_mb']:7.0f} MB")
@@ -325,15 +328,7 @@ def online(sizes: list[int], steps: int) -> None:
 
 
 def driver(sizes: list[int], steps: int, shape: str) -> None:
-    rows = []
-    for pairs in sizes:  # a fresh process each: peaks are per run
-        out = subprocess.run([sys.executable, __file__, "_run", str(pairs), str(steps), shape], capture_output=True,
-                             text=True, cwd=ROOT, env={**os.environ, **ENV})
-        line = [x for x in out.stdout.splitlines() if x.startswith("RESULT ")]
-        if not line:
-            print(out.stdout[-2000:], out.stderr[-4000:])
-            raise SystemExit(f"run with {pairs} pairs failed")
-        rows.append(json.loads(line[-1][len("RESULT "):]))
+    rows = [in_fresh_process("_run", str(pairs), str(steps), shape) for pairs in sizes]
     print(f"tiny-LLaVA DPO, {steps} steps, policy on a Ray worker, reference in it, {shape} data")
     print(f"{'pairs':>7}{'driver peak MB':>16}{'tree RSS sum MB':>17}{'tree PSS sum MB':>17}"
           f"{'driver CPU share':>18}{'wall s':>8}")
