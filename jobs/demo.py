@@ -25,6 +25,7 @@ import time
 
 import torch
 
+from vlrlhf.bundle import bundle_root
 from vlrlhf.data.images import load_image
 from vlrlhf.data.reader import read_records
 from vlrlhf.data.synthetic import HALLUCINATIONS
@@ -32,7 +33,7 @@ from vlrlhf.models.logprobs import sequence_logprobs
 from vlrlhf.models.registry import load_adapter
 from vlrlhf.models.tiny import FAMILIES, build_tiny_model
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
+ROOT = bundle_root()  # configs/ and data/: the checkout's, or the installed package's copy
 DATA = ROOT / "data" / "shapes"
 
 

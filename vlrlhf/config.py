@@ -10,6 +10,7 @@ Relative paths in the spec resolve against the spec file's folder.
 from __future__ import annotations
 
 import pathlib
+import sys
 from typing import Any, Literal
 
 import yaml
@@ -390,7 +391,14 @@ def load_spec(path: str | pathlib.Path, overrides: list[str] = ()) -> JobSpec:
     """Read, override and validate a spec; paths become absolute (relative to the file)."""
     spec_path = pathlib.Path(path)
     if not spec_path.is_file():
-        raise SpecError(f"job spec {spec_path} does not exist")
+        from vlrlhf.bundle import bundled_spec
+
+        shipped = bundled_spec(spec_path)  # configs/X.yaml outside a checkout: the copy that ships
+        if shipped is None:
+            raise SpecError(f"job spec {spec_path} does not exist")
+        print(f"{spec_path} is not in {pathlib.Path.cwd()}: using the spec that ships with vlrlhf, {shipped}",
+              file=sys.stderr)
+        spec_path = shipped
     try:
         data = yaml.safe_load(spec_path.read_text()) or {}
     except yaml.YAMLError as error:
