@@ -91,3 +91,39 @@ def test_a_wrong_manifest_is_caught():
     manifest["spec"]["rayClusterSpec"]["authOptions"]["mode"] = "password"
     with pytest.raises(jsonschema.ValidationError):
         jsonschema.validate(manifest, schema_for(manifest["kind"], "v1"))
+
+
+def quantity_bytes(text) -> float:
+    """A Kubernetes quantity (16Gi, 512Mi, 8G, 8589934592) in bytes."""
+    units = {"Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "Ti": 2**40, "K": 1e3, "M": 1e6, "G": 1e9, "T": 1e12}
+    text = str(text)
+    for unit in sorted(units, key=len, reverse=True):
+        if text.endswith(unit):
+            return float(text[:-len(unit)]) * units[unit]
+    return float(text)
+
+
+def test_quantities_parse():
+    assert quantity_bytes("9Gi") == 9 * 2**30 and quantity_bytes("500M") == 5e8
+    assert quantity_bytes("8589934592") == 2**33
+
+
+@pytest.mark.parametrize("path", RAY_MANIFESTS, ids=lambda p: p.name)
+def test_every_ray_container_has_a_memory_backed_dev_shm_that_holds_its_object_store(path):
+    """Ray puts its object store in /dev/shm (a container's default is 64 MB: Ray warns and
+    falls back to disk); the volume counts against the pod's memory, so the limit must hold
+    it plus what the pod runs (on the head: the driver, the dashboard, GCS)."""
+    manifest = yaml.safe_load(path.read_text())
+    spec = manifest["spec"].get("rayClusterSpec", manifest["spec"])
+    groups = [spec["headGroupSpec"]] + spec["workerGroupSpecs"]
+    for group, pod in zip(groups, pods(manifest), strict=True):
+        container = pod["containers"][0]
+        mount, = [m for m in container["volumeMounts"] if m["mountPath"] == "/dev/shm"]
+        volume, = [v for v in pod["volumes"] if v["name"] == mount["name"]]
+        assert volume["emptyDir"]["medium"] == "Memory"
+        shm = quantity_bytes(volume["emptyDir"]["sizeLimit"])
+        store = quantity_bytes(group["rayStartParams"]["object-store-memory"])
+        assert store <= shm, (container["name"], store, shm)
+        limit = quantity_bytes(container["resources"]["limits"]["memory"])
+        assert limit - shm >= 8 * 2**30, (container["name"], "too little memory beside /dev/shm")
+        assert container["resources"]["requests"]["memory"] == container["resources"]["limits"]["memory"]
