@@ -31,6 +31,7 @@ from tqdm import tqdm
 from actors.group import ActorGroup
 from actors.policy import PolicyWorker
 from jobs.checkpoints import open_checkpoints, resume_from
+from jobs.recovery import report_restart
 from jobs.common import (ORDER, Tracker, check_order, colocation_reserve, pipeline_budget, plot_curves, prepare_data,
                          surfacing_bad_records)
 from vlrlhf.config import JobSpec
@@ -127,6 +128,7 @@ class OfflineJob:
                 # the next step's rows when the pipeline already made them: the workers load them meanwhile
                 upcoming = rows.take(batch_size, wait=False) if self.step + 1 < self.total_steps else None
                 last = self.train_step(self.shares(current), progress, waited, self.shares(upcoming))
+                report_restart(self)
                 if upcoming is None and self.step < self.total_steps:
                     upcoming = rows.take(batch_size)
         progress.close()

@@ -57,6 +57,7 @@ from actors.rollout import RolloutResult, RolloutWorker, Sample, Sampling, colle
 from actors.storage import is_uri, open_uri, write_folder
 from actors.weight_sync import sync_weights
 from jobs.checkpoints import open_checkpoints, resume_from
+from jobs.recovery import report_restart
 from jobs.common import (ORDER, Tracker, check_order, colocation_reserve, pipeline_budget, plot_curves, prepare_data,
                          surfacing_bad_records)
 from vlrlhf.config import JobSpec
@@ -248,6 +249,7 @@ class OnlineJob:
                 pending = self.submit(self.next_prompts())
             timings["data_wait_s"] = self.stream.rows.waited()  # for this step's and the next step's prompts
             last = self.train_step(result, timings, progress)
+            report_restart(self)
             if more and self.checkpoints.due(self.step, self.spec.checkpoint):
                 self.checkpoints.save(self.step, functools.partial(self.save, pending=pending))
             if more and not self.online.async_rollout:

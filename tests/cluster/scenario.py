@@ -15,6 +15,12 @@ separate disks; checkpoints go to S3 (moto on loopback) or a shared folder.
 2. the same spec resumed from that run's step-2 checkpoint with no failure: the final
    weights must be equal.
 3. online GRPO with the rollout on node C and the policy on node A.
+4. online GRPO (checkpoint every 2 steps, trainer.max_failures=3): its rollout engine is
+   killed at the start of step 4, its policy worker at the start of step 6, the engine's
+   node is removed (and replaced) at the start of step 8; then the same spec resumed by
+   hand from step 6: the final weights must be equal.
+5. async PPO (the next step's rollout in flight, the critic beside the policy): its rollout
+   engine killed at the start of step 4 (trainer.max_failures=1); the same comparison.
 Results go to OUT/results.json; tests/cluster/test_multinode.py asserts on them.
 """
 
@@ -37,6 +43,10 @@ ROOT = pathlib.Path(__file__).resolve().parents[2]
 RAY_ENV = {"RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
            "RAY_DEDUP_LOGS": "0", "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1"}
 BUCKET = "vlrlhf"
+# a reward that differs inside a group of a random model's answers (exact match is 0 for all of
+# them): GRPO's advantages are then not all zero and the policy moves
+LENGTH_REWARD = ("online.rewards=[{function: length_penalty, weight: 1.0, "
+                 "options: {max_chars: 1, penalty_per_char: 0.1}}]")
 
 
 def free_port() -> int:
@@ -203,6 +213,61 @@ def run_online(out: pathlib.Path) -> dict:
     return result | {"nodes": seen}
 
 
+def online_overrides(directory: pathlib.Path, resume: str, max_steps: int, failures: int) -> list[str]:
+    return [f"trainer.max_steps={max_steps}", "online.prompts_per_step=4", "online.n=2", "online.max_tokens=4",
+            "trainer.micro_batch_size=8", "trainer.log_every=1", f"checkpoint.dir={directory}",
+            f"checkpoint.resume={resume}", "checkpoint.every=2", "checkpoint.keep_last=10",
+            f"trainer.max_failures={failures}", "trainer.collective_timeout_s=30", "trainer.placement_timeout_s=120",
+            "trainer.placement_report_s=5", "online.skip_equal_groups=false",
+            "resources.policy={num_workers: 1, cpus: 0.5, custom_resources: {trainer: 1}}",
+            "resources.rollout={num_workers: 1, cpus: 0.5, gpus: 1}"]
+
+
+def run_online_with_failures(cluster, disks, out: pathlib.Path, spec_name: str, faults: dict[str, int],
+                             extra: list[str], max_steps: int) -> dict:
+    """Scenario 4/5: an online run whose rollout engine is killed while a step runs, whose
+    policy worker is killed, whose engine node is removed (and replaced), each at the start
+    of the training step numbered in `faults` (steps done then); then the same spec resumed
+    by hand from the checkpoint the last restart resumed from."""
+    import ray
+
+    import jobs.online
+
+    seen: dict = {"events": []}
+    original = jobs.online.OnlineJob.train_step
+
+    def train_step(self, *args, **kwargs):
+        for event, step in faults.items():
+            if self.step == step and event not in seen["events"]:
+                seen["events"].append(event)
+                if event == "rollout":  # async: the next step's rollout is in flight on it now
+                    kill_pid(ray.get(self.rollout.actors[0].process.remote())["pid"])
+                elif event == "policy":
+                    kill_pid(ray.get(self.policy.actors[0].process.remote())["pid"])
+                elif event == "node":
+                    engine = ray.get(self.rollout.actors[0].process.remote())["node"]
+                    (node,) = [n for n in cluster.worker_nodes if n.node_id == engine]
+                    seen["removed_node"] = engine
+                    cluster.remove_node(node)
+                    cluster.add_node(**node_args(f"{spec_name}-{step}", 2, 2, {}, disks))  # KubeRay's replacement
+                break  # one fault a step
+        return original(self, *args, **kwargs)
+
+    spec_path = ROOT / "configs" / f"{spec_name}.yaml"
+    folder = out / f"online-{spec_name}"
+    jobs.online.OnlineJob.train_step = train_step
+    try:
+        failed = run_job(spec_path, online_overrides(folder / "failed", "off", max_steps, len(faults)) + extra,
+                         out / f"run-{spec_name}-failed")
+    finally:
+        jobs.online.OnlineJob.train_step = original
+    resumed_at = max(faults.values()) // 2 * 2  # checkpoint.every=2: the newest checkpoint before the last fault
+    manual = run_job(spec_path, online_overrides(folder / "manual", str(folder / "failed" / f"step-{resumed_at:06d}"),
+                                                 max_steps, 0) + extra, out / f"run-{spec_name}-manual")
+    return {"failed": failed, "manual": manual, "events": seen["events"], "removed_node": seen.get("removed_node"),
+            "resumed_at": resumed_at, "folder": str(folder)}
+
+
 def main(out: pathlib.Path) -> None:
     os.environ.update(RAY_ENV)
     from tests.cluster.s3 import moto_server
@@ -231,12 +296,18 @@ def main(out: pathlib.Path) -> None:
                                                            offline_overrides(str(out / "shared" / "dpo"),
                                                                              f"s3://{BUCKET}/dpo/step-000002"),
                                                            out / "run-b")),
-                               ("online", lambda: run_online(out))):
+                               ("online", lambda: run_online(out)),
+                               ("grpo_failures", lambda: run_online_with_failures(
+                                   cluster, disks, out, "demo_grpo", {"rollout": 3, "policy": 5, "node": 7},
+                                   [LENGTH_REWARD], 8)),
+                               ("ppo_failures", lambda: run_online_with_failures(
+                                   cluster, disks, out, "demo_ppo", {"rollout": 3}, ["online.async_rollout=true"],
+                                   4))):
                 try:
                     results[name] = step()
                 except Exception:  # noqa: BLE001 - reported to the test, which fails with the traceback
                     results[name] = {"error": traceback.format_exc()}
-                shown = {k: v for k, v in results[name].items() if k != "log"}
+                shown = {k: v for k, v in results[name].items() if k not in ("log", "failed", "manual")}
                 print(f"== {name}: {json.dumps(shown, default=str)[:2000]}", flush=True)
             # what the S3 run left: its final checkpoint and step 2, downloaded for the assertions
             if results.get("offline", {}).get("summary", {}).get("code") == 0:

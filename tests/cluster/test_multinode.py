@@ -105,3 +105,50 @@ def test_online_grpo_with_rollout_and_policy_on_different_nodes(runs):
     from transformers import AutoModelForImageTextToText
 
     assert AutoModelForImageTextToText.from_pretrained(out / "s3" / "grpo-step-000002") is not None
+
+
+def restarts_in(log: str) -> list[str]:
+    return [line for line in log.splitlines() if line.startswith("restart ") and " cost " in line]
+
+
+@pytest.mark.parametrize("name, events, resumes", [
+    ("grpo_failures", ["rollout", "policy", "node"], [2, 4, 6]),
+    ("ppo_failures", ["rollout"], [2]),
+])
+def test_online_runs_survive_a_killed_engine_a_killed_policy_and_a_lost_engine_node(runs, name, events, resumes):
+    """Each fault costs one restart (trainer.max_failures is the number of faults), from the
+    newest complete checkpoint; the log says what each restart cost; the final policy (and
+    PPO's critic) equal those of the same spec resumed by hand from that checkpoint."""
+    out, results = runs
+    result = ok(results[name])
+    assert result["events"] == events
+    failed, manual = result["failed"], result["manual"]
+    assert failed["code"] == 0, failed["log"][-3000:]
+    assert manual["code"] == 0, manual["log"][-3000:]
+    log = failed["log"]
+    folder = pathlib.Path(result["folder"])
+    restarting = [line for line in log.splitlines() if "tearing the groups down and restarting from" in line]
+    assert [line.rsplit("step-", 1)[1] for line in restarting] == [f"{step:06d}" for step in resumes]
+    costs = restarts_in(log)
+    assert len(costs) == len(events)
+    for line, resumed in zip(costs, resumes, strict=True):  # the fault came one step after the checkpoint
+        assert f"1 step(s) redone (reached {resumed + 1}, resumed at {resumed})" in line, line
+        assert float(line.split(" cost ")[1].split(" s ")[0]) > 0
+    if "node" in events:
+        assert result["removed_node"] not in (results["head"], None)
+    last = max(int(p.name.split("-")[1]) for p in (folder / "failed").glob("step-*"))
+    assert last == max(int(p.name.split("-")[1]) for p in (folder / "manual").glob("step-*"))
+    from safetensors.torch import load_file
+
+    final = folder / "failed" / f"step-{last:06d}"
+    parts = sorted(p.relative_to(final) for p in final.rglob("*.safetensors"))
+    assert pathlib.Path("model.safetensors") in parts
+    if name.startswith("ppo"):
+        assert any(part.parts[0] == "critic" for part in parts)  # the critic and its value head
+    for part in parts:
+        a, b = load_file(final / part), load_file(folder / "manual" / f"step-{last:06d}" / part)
+        assert a.keys() == b.keys()
+        assert max((a[k] - b[k]).abs().max().item() for k in a) <= 1e-6, part
+    a = model_tensors(final)
+    start = model_tensors(folder / "failed" / f"step-{result['resumed_at']:06d}")
+    assert any(not torch.equal(a[k], start[k]) for k in a)  # it trained after the restart
