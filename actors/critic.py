@@ -23,6 +23,7 @@ import torch
 from actors.group import WorkerBase
 from actors.common import device, load_options, load_state_file, optimizer_step, rng_state, schedule, set_rng_state
 from vlrlhf.config import ModelSpec, TrainerSpec
+from vlrlhf.models.batch import ModelBatch
 from vlrlhf.models.registry import load_adapter
 from vlrlhf.models.value_head import load_head, save_head, token_values
 from vlrlhf.training import ValueBatch, value_micro_step
@@ -67,8 +68,15 @@ class CriticWorker(WorkerBase):
         """(B, T) values per micro-batch (RLBatch or ModelBatch), on the CPU."""
         self.model.eval()
         try:
-            return [token_values(self.adapter, self.model, self.head,
-                                 getattr(micro, "batch", micro).to(self.device)).cpu() for micro in micro_batches]
+            out = []
+            for micro in micro_batches:
+                micro = micro.to(self.device)
+                if isinstance(micro, ModelBatch):
+                    out.append(token_values(self.adapter, self.model, self.head, micro).cpu())
+                else:  # RLBatch: its rows' groups pack
+                    out.append(token_values(self.adapter, self.model, self.head, micro.batch, micro.groups,
+                                            micro.representatives).cpu())
+            return out
         finally:
             self.model.train()
 

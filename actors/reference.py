@@ -25,7 +25,7 @@ def reference_logps(adapter, model, micro_batches: list, on: torch.device) -> li
         if isinstance(micro, PairBatch):
             out.append(pair_logps(adapter, model, move_pairs(micro, on)).cpu())
         elif isinstance(micro, RLBatch):  # token log-probs for the KL term
-            out.append(adapter.rollout_logprobs(model, micro.batch.to(on)).cpu())
+            out.append(micro.to(on).logprobs(adapter, model)[0].cpu())  # the group forward where rows pack
         else:  # KTOBatch
             out.append((sequence_logps(adapter, model, micro.completions.to(on))[0].cpu(),
                         sequence_logps(adapter, model, micro.mismatched.to(on))[0].cpu()))

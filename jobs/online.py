@@ -61,6 +61,7 @@ from jobs.recovery import report_restart
 from jobs.common import (ORDER, Tracker, check_order, colocation_reserve, pipeline_budget, plot_curves, prepare_data,
                          surfacing_bad_records)
 from vlrlhf.config import JobSpec
+from vlrlhf.models.groups import groups_of
 from vlrlhf.data.order import split_key
 from vlrlhf.data.stream import Stream
 from vlrlhf.losses.policy import gae, group_advantages, kl_rewards, reinforce_pp_advantages, rloo_advantages, whiten
@@ -412,11 +413,12 @@ class OnlineJob:
         generator = torch.Generator().manual_seed(self.spec.trainer.seed * 1000 + self.step)
         policy_sums, critic_sums, grad_norms = [], [], []
         kind = "policy_kl" if self.name in GROUP_BASELINES else "policy"  # else the KL is in the reward
+        groups = groups_of([row.request for row in rows])  # a prompt's rows stay together (the group forward)
         for _ in range(self.online.epochs):
-            order = torch.randperm(len(rows), generator=generator).tolist()
-            size = -(-len(rows) // self.online.mini_batches)
-            for start in range(0, len(rows), size):
-                mini = [rows[i] for i in order[start:start + size]]
+            order = torch.randperm(len(groups), generator=generator).tolist()
+            size = -(-len(groups) // self.online.mini_batches)
+            for start in range(0, len(groups), size):
+                mini = [rows[i] for g in order[start:start + size] for i in groups[g]]
                 tokens = float(sum(len(row.logprobs) for row in mini))
                 shares = self.shares(self.policy, prompts, mini, kind, equal=self.spec.trainer.strategy == "deepspeed")
                 policy = self.policy.map("train_step", shares, [None] * len(shares), [tokens] * len(shares))
@@ -440,7 +442,7 @@ class OnlineJob:
         (DeepSpeed runs collectives in each forward and backward); the missing ones are a copy of a
         row with no label, which adds no loss, no gradient and no metric."""
         world, micro = group.world_size, self.spec.trainer.micro_batch_size
-        size = -(-len(rows) // world)
+        size = -(-len(rows) // world)  # contiguous: a prompt's rows (adjacent) share a worker but at the cuts
         parts = [rows[w * size:(w + 1) * size] for w in range(world)]
         most = max(-(-len(part) // micro) for part in parts) if equal else 0
         return [RowsShare(prompts, part or rows[:1], micro, kind, pad_to=most, blank=not part) for part in parts]

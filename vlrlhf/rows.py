@@ -58,10 +58,11 @@ def step_prompts(refs: list) -> list:
     return [item for part in ray.get(list(refs)) for item in part]
 
 
-def with_examples(share: RowsShare, prompts: list | None = None) -> list[Row]:
-    """The share's rows with their examples (prompt + completion), from the step's prompts."""
+def with_examples(share: RowsShare, prompts: list | None = None, fill: dict[str, int] | None = None) -> list[Row]:
+    """The share's rows with their examples (prompt + completion), from the step's prompts;
+    `fill`: the adapter's completion_token_arrays."""
     prompts = step_prompts(share.prompts) if prompts is None else prompts
-    return [dataclasses.replace(row, example=rl_example(prompts[row.request].encoded, row.token_ids))
+    return [dataclasses.replace(row, example=rl_example(prompts[row.request].encoded, row.token_ids, fill))
             for row in share.rows]
 
 
@@ -69,10 +70,10 @@ def micro_batches(adapter, share: RowsShare) -> list:
     """The share built and collated as its kind asks: RLBatch for scoring and the policy, ValueBatch
     for the critic; at least `pad_to` micro-batches, the missing ones a copy of a row with no label
     (which adds no loss, no gradient and no metric)."""
-    built = with_examples(share)
+    built = with_examples(share, fill=adapter.completion_token_arrays)
     rows = [] if share.blank else built
     size = share.micro_batch_size
-    chunks = [rows[i:i + size] for i in range(0, len(rows), size)]
+    chunks = group_chunks(rows, size)
     if len(chunks) < share.pad_to:
         blank = dataclasses.replace(built[0], example=dataclasses.replace(
             built[0].example, labels=[-100] * len(built[0].example.labels)))
@@ -84,9 +85,43 @@ def micro_batches(adapter, share: RowsShare) -> list:
     return [collate_rl(adapter, chunk, with_reference=share.kind == "policy_kl") for chunk in chunks]
 
 
-def rl_example(prompt: EncodedExample, token_ids: list[int]) -> EncodedExample:
-    """Prompt + completion; labels (and log-prob slots) on the completion tokens."""
-    arrays = {name: values + [0] * len(token_ids) for name, values in prompt.token_arrays.items()}
+def group_chunks(rows: list[Row], size: int) -> list[list[Row]]:
+    """Micro-batches of at most `size` rows that keep the rows of one prompt (a group) together,
+    so each group's image and prompt run once (the group forward); a group larger than `size`
+    is cut into pieces of `size`. Groups are taken in the order their first rows come."""
+    from vlrlhf.models.groups import groups_of
+
+    chunks: list[list[Row]] = []
+    current: list[Row] = []
+    for group in groups_of([row.request for row in rows]):
+        members = [rows[i] for i in group]
+        for start in range(0, len(members), size):
+            piece = members[start:start + size]
+            if current and len(current) + len(piece) > size:
+                chunks.append(current)
+                current = []
+            current = current + piece
+    if current:
+        chunks.append(current)
+    return chunks
+
+
+def row_groups(adapter, rows: list[Row]) -> tuple[list[list[int]] | None, object]:
+    """(groups of the rows by prompt, one collated row per group) when some prompt has several
+    rows here (the group forward then applies), else (None, None)."""
+    from vlrlhf.models.groups import groups_of
+
+    groups = groups_of([row.request for row in rows])
+    if len(groups) == len(rows):
+        return None, None
+    return groups, adapter.collate([rows[group[0]].example for group in groups])
+
+
+def rl_example(prompt: EncodedExample, token_ids: list[int], fill: dict[str, int] | None = None) -> EncodedExample:
+    """Prompt + completion; labels (and log-prob slots) on the completion tokens. `fill`: the
+    value of the completion's tokens per token array (adapter.completion_token_arrays; 0)."""
+    fill = fill or {}
+    arrays = {name: values + [fill.get(name, 0)] * len(token_ids) for name, values in prompt.token_arrays.items()}
     return EncodedExample(prompt.input_ids + token_ids, [-100] * len(prompt.input_ids) + token_ids, arrays,
                           prompt.extras)
 
@@ -127,35 +162,45 @@ def collate_rl(adapter, rows: list[Row], with_reference: bool = True) -> RLBatch
     with_reference = with_reference and rows[0].ref_logprobs is not None
     fields = {"old": "logprobs", "advantages": "advantages"} | ({"ref": "ref_logprobs"} if with_reference else {})
     batch, old, advantages, *ref = at_labels(adapter, rows, **fields)
-    return RLBatch(batch, old, advantages, ref[0] if ref else None)
+    return RLBatch(batch, old, advantages, ref[0] if ref else None, *row_groups(adapter, rows))
 
 
 def collate_values(adapter, rows: list[Row]) -> ValueBatch:
     batch, old_values, returns = at_labels(adapter, rows, old="values", returns="returns")
-    return ValueBatch(batch, old_values, returns)
+    return ValueBatch(batch, old_values, returns, *row_groups(adapter, rows))
 
 
 def scoring_batches(adapter, rows: list[Row], micro_batch_size: int) -> list[RLBatch]:
     """Micro-batches for reference log-probs and critic values (no advantages yet)."""
     out = []
-    for start in range(0, len(rows), micro_batch_size):
-        chunk = rows[start:start + micro_batch_size]
+    for chunk in group_chunks(list(rows), micro_batch_size):
         batch, old = at_labels(adapter, chunk, old="logprobs")
-        out.append(RLBatch(batch, old, torch.zeros_like(old)))
+        out.append(RLBatch(batch, old, torch.zeros_like(old), None, *row_groups(adapter, chunk)))
     return out
 
 
-def scatter(per_batch: list[torch.Tensor], batches: list[RLBatch]) -> list[list[float]]:
-    """(B, T) results of `scoring_batches` -> one list per row over its completion tokens."""
+def scatter(per_batch: list[torch.Tensor], batches: list[RLBatch], requests: list[int] | None = None
+            ) -> list[list[float]]:
+    """(B, T) results of `scoring_batches` -> one list per row over its completion tokens: in the
+    batches' order, or, given the rows' `requests`, in the rows' own order (scoring_batches
+    takes them group by group)."""
+    from vlrlhf.models.groups import groups_of
+
     out = []
     for values, rl in zip(per_batch, batches, strict=True):
         mask = rl.batch.loss_mask
         out.extend(values[i][mask[i]].tolist() for i in range(values.shape[0]))
-    return out
+    if requests is None:
+        return out
+    order = [i for group in groups_of(requests) for i in group]
+    result: list = [None] * len(order)
+    for scored, index in zip(out, order, strict=True):
+        result[index] = scored
+    return result
 
 
 def score_share(adapter, share: RowsShare, score) -> list[list[float]]:
     """Per row of the share, over its completion tokens: `score(micro_batches)` ((B, T) per
     micro-batch: reference log-probs, critic values) read at the label positions."""
     batches = micro_batches(adapter, dataclasses.replace(share, kind="score"))
-    return scatter(score(batches), batches)
+    return scatter(score(batches), batches, None if share.blank else [row.request for row in share.rows])

@@ -208,10 +208,19 @@ class RLBatch:
     old_logps: torch.Tensor  # (B, T) behaviour log-probs at the label positions, 0 elsewhere
     advantages: torch.Tensor  # (B,) one per completion, or (B, T) per token at the label positions
     ref_logps: torch.Tensor | None = None  # (B, T) reference log-probs, for a KL in the loss (GRPO, RLOO)
+    # rows answering the same prompt (row indices), and one collated row per group for the
+    # images: the group forward runs each group's image and prompt once (vlrlhf.models.groups)
+    groups: list[list[int]] | None = None
+    representatives: ModelBatch | None = None
 
     def to(self, device) -> RLBatch:
         return RLBatch(self.batch.to(device), self.old_logps.to(device), self.advantages.to(device),
-                       None if self.ref_logps is None else self.ref_logps.to(device))
+                       None if self.ref_logps is None else self.ref_logps.to(device), self.groups,
+                       None if self.representatives is None else self.representatives.to(device))
+
+    def logprobs(self, adapter, model) -> tuple[torch.Tensor, bool]:
+        """(B, T) rollout log-probs of the rows under `model` and whether the group forward ran."""
+        return adapter.group_rollout_logprobs(model, self.batch, self.groups, self.representatives)
 
 
 def rl_micro_step(adapter, model, rl: RLBatch, ref_logps: torch.Tensor | None, online,
@@ -222,7 +231,7 @@ def rl_micro_step(adapter, model, rl: RLBatch, ref_logps: torch.Tensor | None, o
     from vlrlhf.losses.policy import kl_estimate, ppo_policy_loss
 
     ref_logps = ref_logps if ref_logps is not None else rl.ref_logps
-    logps = adapter.rollout_logprobs(model, rl.batch)
+    logps, packed = rl.logprobs(adapter, model)
     mask = rl.batch.loss_mask
     advantages = rl.advantages[:, None].expand_as(logps) if rl.advantages.dim() == 1 else rl.advantages
     out = ppo_policy_loss(logps, rl.old_logps, advantages, mask, clip_low=online.clip_low,
@@ -231,7 +240,9 @@ def rl_micro_step(adapter, model, rl: RLBatch, ref_logps: torch.Tensor | None, o
     metrics = {"policy_loss_sum": float(total.detach()), "tokens": float(mask.sum()),
                "clip_fraction_sum": float(out.clip_fraction) * float(mask.sum()),
                "ratio_sum": float((torch.exp(logps.detach() - rl.old_logps) * mask).sum()),
-               "approx_kl_sum": float(out.approx_kl) * float(mask.sum()), "count": float(mask.sum())}
+               "approx_kl_sum": float(out.approx_kl) * float(mask.sum()), "count": float(mask.sum()),
+               # the share of rows scored in a group forward (*_count: its own denominator)
+               "packed_share_sum": float(len(rl.batch)) if packed else 0.0, "packed_count": float(len(rl.batch))}
     if ref_logps is not None and online.kl_coef > 0:
         kl = (kl_estimate(logps, ref_logps.to(logps.device), online.kl_estimator or "k3") * mask).sum()
         total = total + online.kl_coef * kl
@@ -247,9 +258,12 @@ class ValueBatch:
     batch: ModelBatch  # labels = the completion tokens
     old_values: torch.Tensor  # (B, T) the critic's values at rollout time, at the label positions
     returns: torch.Tensor  # (B, T) GAE returns, the regression targets
+    groups: list[list[int]] | None = None  # as RLBatch's
+    representatives: ModelBatch | None = None
 
     def to(self, device) -> ValueBatch:
-        return ValueBatch(self.batch.to(device), self.old_values.to(device), self.returns.to(device))
+        return ValueBatch(self.batch.to(device), self.old_values.to(device), self.returns.to(device), self.groups,
+                          None if self.representatives is None else self.representatives.to(device))
 
 
 def value_micro_step(adapter, model, head, vb: ValueBatch, clip: float | None,
@@ -258,7 +272,7 @@ def value_micro_step(adapter, model, head, vb: ValueBatch, clip: float | None,
     from vlrlhf.losses.policy import value_loss
     from vlrlhf.models.value_head import token_values
 
-    values = token_values(adapter, model, head, vb.batch)
+    values = token_values(adapter, model, head, vb.batch, vb.groups, vb.representatives)
     mask = vb.batch.loss_mask
     out = value_loss(values, vb.old_values, vb.returns, mask, clip=clip)
     tokens = float(mask.sum())

@@ -31,7 +31,8 @@ def recomputed_logprobs(engine, req, token_ids):
     from vlrlhf.models.batch import EncodedExample
 
     prompt = engine.adapter.encode_prompt(req["messages"], req["images"])
-    arrays = {k: v + [0] * len(token_ids) for k, v in prompt.token_arrays.items()}
+    fill = engine.adapter.completion_token_arrays
+    arrays = {k: v + [fill.get(k, 0)] * len(token_ids) for k, v in prompt.token_arrays.items()}
     example = EncodedExample(prompt.input_ids + token_ids, [-100] * len(prompt.input_ids) + token_ids, arrays,
                              prompt.extras)
     batch = engine.adapter.collate([example])

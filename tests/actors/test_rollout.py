@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from actors.rollout import Sampling, TransformersEngine, make_engine
+from vlrlhf.models.tiny import FAMILIES
 from vlrlhf.rows import Row, rl_example
 from tests.actors.rollout_check import recomputed_logprobs, request
 
@@ -82,3 +83,21 @@ def test_image_placeholders_are_never_sampled_and_never_priced(tiny_path):
     with torch.no_grad():
         full = engine.adapter.token_logprobs(engine.model, batch)[0, len(prompt.input_ids):]
     assert float(full.sum()) < sum(sample.logprobs) - 5.0
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_the_rows_an_update_scores_price_a_sample_as_the_engine_did(family, tiny_path):
+    """A sampled completion turned into a training row (vlrlhf.rows: prompt + completion, the
+    adapter's completion_token_arrays) gets the engine's behaviour log-probs back: the update's
+    ratio starts at 1. PaliGemma's answer tokens must be suffix (token type 1): as prefix they
+    are attended bidirectionally and each sees the tokens after it."""
+    engine = TransformersEngine(str(tiny_path(family)))
+    req = request("red")
+    sample = engine.generate([req], Sampling(n=1, temperature=1.0, max_tokens=6, seed=0))[0]
+    assert sample.token_ids
+    prompt = engine.adapter.encode_prompt(req["messages"], req["images"])
+    row = rl_example(prompt, sample.token_ids, engine.adapter.completion_token_arrays)
+    batch = engine.adapter.collate([row])
+    with torch.no_grad():
+        got = engine.adapter.rollout_logprobs(engine.model, batch)[0, len(prompt.input_ids):]
+    torch.testing.assert_close(got, torch.tensor(sample.logprobs), atol=1e-4, rtol=0)

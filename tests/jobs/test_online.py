@@ -72,6 +72,8 @@ def test_online_smoke_run(ray_cluster, tmp_path, algorithm):
     assert [row["step"] for row in steps] == [1, 2]
     assert all(math.isfinite(row["train/reward"]) and row["time/rollout_s"] > 0 for row in steps)
     assert any("train/loss" in row and row["train/synced_tensors"] > 0 for row in steps)  # trained and synced
+    # every update scored its rows with the group forward: a prompt's 8 completions in one packed row
+    assert all(row["train/packed_share"] == 1.0 for row in steps if "train/loss" in row)
     assert (tmp_path / "ck" / "step-000002" / "model.safetensors").is_file()
     assert torch.load(tmp_path / "ck" / "step-000002" / "trainer_state.pt", weights_only=False)["step"] == 2
 

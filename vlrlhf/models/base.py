@@ -25,6 +25,7 @@ import torch
 from vlrlhf.data.records import IMAGE_PLACEHOLDER  # noqa: F401 - defined with the records, light to import
 from vlrlhf.errors import ReasonError
 from vlrlhf.models.batch import EncodedExample, ModelBatch, collate_examples
+from vlrlhf.models.groups import pack_groups
 from vlrlhf.models.logprobs import chunked_token_logprobs
 from vlrlhf.models.pairs import PairStates, additive_mask, identity_index, pack_pairs
 
@@ -92,6 +93,9 @@ class Adapter:
     # "separate" scores chosen and rejected as two batches. Built-in families pack; an
     # adapter of your own opts in once tests/models/test_pair_forward.py passes for it.
     pair_forward: ClassVar[str] = "separate"
+    # The value a sampled completion's tokens take in each of token_arrays (default 0):
+    # PaliGemma's token_type_ids mark the causal suffix with 1.
+    completion_token_arrays: ClassVar[dict[str, int]] = {}
     # True where the image processor rescales and normalises last (after resizing and
     # cropping): encoded pixels then stay uint8 and model_inputs applies the processor's
     # own rescale_and_normalize, so the model gets the same floats from a quarter of the
@@ -385,6 +389,58 @@ class Adapter:
         if not hasattr(self, "_placeholders"):
             self._placeholders = tuple(self.placeholder_token_ids())
         return self.token_logprobs(model, batch, exclude=self._placeholders)
+
+    # ------------------------------------------------------------------ the group forward
+    def group_hidden(self, model, batch: ModelBatch, groups: list[list[int]] | None,
+                     representatives: ModelBatch | None):
+        """(hidden states, plan): the rows of each group (the same prompt and images) packed
+        into one row (vlrlhf.models.groups), so the images and the prompt run once per group;
+        plan None where the family, the attention or the rows cannot pack (then hidden is
+        the separate rows', (B, T, H))."""
+        inputs, plan = self._group_inputs(model, batch, groups, representatives)
+        if inputs is None:
+            return self.hidden_states(model, batch), None
+        return self.forward_hidden(model, inputs), plan
+
+    def group_rollout_logprobs(self, model, batch: ModelBatch, groups: list[list[int]] | None,
+                               representatives: ModelBatch | None, chunk_size: int = 1024):
+        """(rollout_logprobs(model, batch), packed: bool), with the group forward where it applies."""
+        if not hasattr(self, "_placeholders"):
+            self._placeholders = tuple(self.placeholder_token_ids())
+        hidden, plan = self.group_hidden(model, batch, groups, representatives)
+        ids, full_head = torch.tensor(self._placeholders, device=hidden.device), self.output_head(model)
+
+        def head(states):
+            return full_head(states).index_fill(-1, ids, float("-inf"))
+        if plan is None:
+            return chunked_token_logprobs(hidden, head, batch.labels, chunk_size), False
+        return chunked_token_logprobs(hidden, head, batch.labels, chunk_size, plan.index, plan.group_of), True
+
+    def _group_inputs(self, model, batch: ModelBatch, groups, representatives):
+        """(model inputs of the packed groups, their plan), or (None, None) where they cannot pack."""
+        if not groups or representatives is None or len(groups) == len(batch):
+            return None, None  # nothing to share
+        attention = self.language_model(model).config._attn_implementation
+        if self.pair_forward != "packed" or attention not in ("sdpa", "eager"):
+            return None, None
+        plan = pack_groups(batch, groups)
+        if not hasattr(self, "_placeholders"):
+            self._placeholders = tuple(self.placeholder_token_ids())
+        input_ids = plan.take(batch.input_ids, fill=self.tokenizer.pad_token_id)
+        placeholders = torch.isin(input_ids, torch.tensor(self._placeholders, device=input_ids.device))
+        if (placeholders & (plan.branch > 0)).any():
+            return None, None  # an image placeholder after the fork: the rows' images differ
+        inputs = self.model_inputs(representatives)
+        inputs["input_ids"] = input_ids
+        for name in self.token_arrays:
+            if name in batch.extras:
+                inputs[name] = plan.take(batch.extras[name])
+        inputs["position_ids"] = plan.take(self.row_position_ids(model, batch))
+        allowed = self.pair_attention(plan, inputs)
+        if allowed is None:
+            return None, None
+        inputs["attention_mask"] = additive_mask(allowed, self.output_head(model).weight.dtype)
+        return inputs, plan
 
     # ------------------------------------------------------------------ model surgery
     def language_model(self, model):

@@ -36,14 +36,16 @@ def partitioned(head: Callable) -> list[torch.nn.Parameter]:
 
 
 def chunked_token_logprobs(hidden: torch.Tensor, head: Callable, labels: torch.Tensor,
-                           chunk_size: int = 1024, index: torch.Tensor | None = None) -> torch.Tensor:
+                           chunk_size: int = 1024, index: torch.Tensor | None = None,
+                           row_of: torch.Tensor | None = None) -> torch.Tensor:
     """Log-probs of the labels under the model.
 
     hidden: (B, N, H) last hidden states; head: (.., H) -> (.., V); labels: (B, T),
     -100 where not scored. Returns (B, T) fp32 where entry t = log p(labels[t] | tokens < t),
     computed from the state of position t-1; 0 where labels[t] == -100 (position 0 is
     never scored). `index` (B, T): where position t's state lies in `hidden` (packed pair
-    rows, see models.pairs); default t itself (N == T).
+    rows, see models.pairs); default t itself (N == T). `row_of` (B,): the row of `hidden`
+    holding row b's states (packed groups, see models.groups); default b itself.
 
     The head runs only on the states that predict a label, in chunks of `chunk_size`.
     """
@@ -61,7 +63,8 @@ def chunked_token_logprobs(hidden: torch.Tensor, head: Callable, labels: torch.T
         chunk_size = len(rows)
     values = []
     for start in range(0, len(rows), chunk_size):
-        piece = hidden[rows[start:start + chunk_size], states[start:start + chunk_size]]
+        at_rows = rows[start:start + chunk_size]
+        piece = hidden[at_rows if row_of is None else row_of[at_rows], states[start:start + chunk_size]]
         chunk_targets = targets[start:start + chunk_size]
         if torch.is_grad_enabled() and piece.requires_grad and recompute:
             values.append(checkpoint(_chunk_logprobs, piece, head, chunk_targets, use_reentrant=False))

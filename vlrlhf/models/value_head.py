@@ -69,10 +69,15 @@ def pair_last_token_scores(adapter, model, head: ScalarHead, chosen: ModelBatch,
     return scores[0], scores[1]
 
 
-def token_values(adapter, model, head: ScalarHead, batch: ModelBatch) -> torch.Tensor:
+def token_values(adapter, model, head: ScalarHead, batch: ModelBatch, groups: list[list[int]] | None = None,
+                 representatives: ModelBatch | None = None) -> torch.Tensor:
     """(B, T) V(s_t) for each labelled token t, read at position t - 1 (the state the token
-    was generated from, as its log-prob is); 0 off the labels."""
-    values = head(adapter.hidden_states(model, batch))
+    was generated from, as its log-prob is); 0 off the labels. `groups`, `representatives`:
+    rows of one prompt scored in one packed row (adapter.group_hidden), where they pack."""
+    hidden, plan = adapter.group_hidden(model, batch, groups, representatives)
+    if plan is not None:
+        hidden = hidden[plan.group_of[:, None], plan.index]  # (B, T, H): each row's own states
+    values = head(hidden)
     out = torch.zeros_like(values)
     out[:, 1:] = values[:, :-1]
     return out * batch.loss_mask
