@@ -85,13 +85,13 @@ def measure(kind: str, steps: int, every: int) -> dict:
         import jobs.offline as module
 
         job_class, spec = module.OfflineJob, "demo_dpo.yaml"
-        overrides = ["data.eval=[]", "trainer.eval_every=0", "trainer.epochs=100000", "trainer.batch_size=8",
+        overrides = ["data.eval=[]", "trainer.eval_every=0", "trainer.epochs=1000", "trainer.batch_size=8",
                      "trainer.micro_batch_size=8", "resources.policy={num_workers: 1, cpus: 1}"]
     else:
         import jobs.online as module
 
         job_class, spec = module.OnlineJob, "demo_grpo.yaml"
-        overrides = ["trainer.epochs=100000", "online.prompts_per_step=4", "online.n=4", "online.max_tokens=6",
+        overrides = ["trainer.epochs=1000", "online.prompts_per_step=4", "online.n=4", "online.max_tokens=6",
                      "resources.policy={num_workers: 1, cpus: 0.5}", "resources.rollout={num_workers: 1, cpus: 0.5}"]
     original = job_class.train_step
 
