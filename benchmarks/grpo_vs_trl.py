@@ -2,9 +2,11 @@
 
     .venv/bin/pip install -c requirements/constraints-cpu.txt -r requirements/benchmarks.txt  # TRL, not for tests
     .venv/bin/python benchmarks/grpo_vs_trl.py [--rounds 2] [--steps 6] [--prompts 8] [--group 8] [--tokens 32]
+        [--geometry small|llava15] [--sides vlrlhf vlrlhf-separate trl]
 
 Both sides train the same random LLaVA (built here: CLIP 2 layers hidden 128 at 128 px /
-patch 16, 64 image tokens; Llama 4 layers hidden 256), fp32 on the CPU with 1 thread, on
+patch 16, 64 image tokens, or with --geometry llava15 at LLaVA-1.5's 336 px / patch 14,
+576 image tokens; Llama 4 layers hidden 256), fp32 on the CPU with 1 thread, on
 the same shapes prompts: `--prompts` prompts per step, `--group` samples each, at most
 `--tokens` sampled tokens, temperature 1, no KL (TRL's default beta 0: no reference model on
 either side), one optimizer step per rollout, AdamW at a constant lr, clipping at 1.0, every
@@ -37,11 +39,14 @@ VISION = dict(hidden_size=128, intermediate_size=512, num_hidden_layers=2, num_a
 LR, THREADS, PENALTY = 1e-5, 1, 0.01
 
 
-def build(folder: pathlib.Path) -> pathlib.Path:
+GEOMETRY = {"small": dict(image_size=128, patch_size=16), "llava15": dict(image_size=336, patch_size=14)}
+
+
+def build(folder: pathlib.Path, geometry: str) -> pathlib.Path:
     from vlrlhf.models.tiny import build_tiny_model
 
     if not (folder / "vlrlhf_tiny.json").is_file():
-        build_tiny_model("llava", folder, text=TEXT, vision=VISION, image_size=128, patch_size=16)
+        build_tiny_model("llava", folder, text=TEXT, vision=VISION, **GEOMETRY[geometry])
     return folder
 
 
@@ -91,17 +96,29 @@ def run_vlrlhf(model: pathlib.Path, work: pathlib.Path, args) -> dict:
     marks, tokens, rewards = [], [], []
     original = online.OnlineJob.train_step
 
-    def timed(self, records, requests, samples, timings, progress):
-        values = original(self, records, requests, samples, timings, progress)
+    splits = []
+
+    def timed(self, result, timings, progress):
+        values = original(self, result, timings, progress)
         marks.append(clocks())
-        tokens.append(float(sum(s.length for s in samples)))
+        tokens.append(float(sum(s.length for s in result.samples)))
         rewards.append(values["train/reward"])
+        splits.append({key: timings.get(key, 0.0) for key in ("rollout_s", "score_s", "train_s")})
         return values
 
     online.OnlineJob.train_step = timed
-    online.OnlineJob(load_spec(spec_file), work / "run").run()  # in-process roles: no Ray needed
+    if args.side == "vlrlhf-separate":  # the group forward off: every completion its own row
+        from vlrlhf.models.base import Adapter
+
+        Adapter._group_inputs = lambda self, *a, **k: (None, None)
+    from jobs.run import start_ray
+
+    start_ray(dashboard=False)  # the prompt stream is a Ray Data pipeline; every role runs in this process
+    online.OnlineJob(load_spec(spec_file), work / "run").run()
+    later = splits[1:]
     return rates(marks, args.prompts, tokens) | {"mean_length": statistics.mean(tokens) / (args.prompts * args.group),
-                                                 "steps": len(marks), "first_reward": rewards[0]}
+                                                 "steps": len(marks), "first_reward": rewards[0],
+                                                 **{key: sum(x[key] for x in later) / len(later) for key in later[0]}}
 
 
 # ---------------------------------------------------------------- TRL
@@ -153,7 +170,7 @@ def run_trl(model: pathlib.Path, work: pathlib.Path, args) -> dict:
 # ---------------------------------------------------------------- driver
 def child(args) -> None:
     work = pathlib.Path(tempfile.mkdtemp(prefix=f"{args.side}-", dir=args.work))
-    runner = run_vlrlhf if args.side == "vlrlhf" else run_trl
+    runner = run_trl if args.side == "trl" else run_vlrlhf
     print("RESULT " + json.dumps(runner(pathlib.Path(args.model_dir), work, args)), flush=True)
 
 
@@ -164,6 +181,10 @@ def main() -> None:
     parser.add_argument("--prompts", type=int, default=8)
     parser.add_argument("--group", type=int, default=8)
     parser.add_argument("--tokens", type=int, default=32)
+    parser.add_argument("--geometry", choices=sorted(GEOMETRY), default="small",
+                        help="small: 128 px / patch 16 (64 image tokens); llava15: 336 px / patch 14 (576)")
+    parser.add_argument("--sides", nargs="+", default=["vlrlhf", "vlrlhf-separate", "trl"],
+                        help="vlrlhf-separate: vlrlhf with the group forward off")
     parser.add_argument("--work", default=None)
     parser.add_argument("--side", help=argparse.SUPPRESS)
     parser.add_argument("--model-dir", help=argparse.SUPPRESS)
@@ -172,10 +193,10 @@ def main() -> None:
     if args.side:
         return child(args)
     env = dict(os.environ, TOKENIZERS_PARALLELISM="false", HF_HUB_OFFLINE="1", PYTHONPATH=str(ROOT))
-    folder = build(pathlib.Path(args.work) / "model")
-    results = {"vlrlhf": [], "trl": []}
-    for _ in range(args.rounds):  # alternating, so that machine load hits both sides alike
-        for side in ("vlrlhf", "trl"):
+    folder = build(pathlib.Path(args.work) / f"model-{args.geometry}", args.geometry)
+    results = {side: [] for side in args.sides}
+    for _ in range(args.rounds):  # alternating, so that machine load hits every side alike
+        for side in args.sides:
             command = [sys.executable, __file__, "--side", side, "--model-dir", str(folder), "--work", args.work,
                        *[f"--{k}={getattr(args, k)}" for k in ("steps", "prompts", "group", "tokens")]]
             out = subprocess.run(command, env=env, capture_output=True, text=True, cwd=ROOT)
@@ -186,14 +207,18 @@ def main() -> None:
             print(f"  {side:7s} {results[side][-1]}", flush=True)
     keys = ("prompts_per_s", "tokens_per_s", "prompts_per_cpu_s", "tokens_per_cpu_s", "mean_length")
     median = {side: {key: statistics.median(r[key] for r in runs) for key in keys} for side, runs in results.items()}
-    print(f"GRPO {args.prompts} prompts x {args.group} samples, <= {args.tokens} tokens, medians of {args.rounds} "
-          "runs each:")
+    print(f"GRPO {args.prompts} prompts x {args.group} samples, <= {args.tokens} tokens, {args.geometry} geometry, "
+          f"medians of {args.rounds} runs each:")
     for side, m in median.items():
         print(f"  {side:7s} {m['prompts_per_s']:.2f} prompts/s, {m['tokens_per_s']:.0f} tokens/s (wall); "
               f"{m['prompts_per_cpu_s']:.2f} prompts/CPU-s, {m['tokens_per_cpu_s']:.0f} tokens/CPU-s; "
               f"mean length {m['mean_length']:.1f}")
-    ratio = {key: median["vlrlhf"][key] / median["trl"][key] for key in keys[:4]}
-    print("  vlrlhf / TRL: " + ", ".join(f"{value:.2f}x {key}" for key, value in ratio.items()), flush=True)
+    for side in (s for s in args.sides if s.startswith("vlrlhf")):
+        split = {key: statistics.median(r[key] for r in results[side]) for key in ("rollout_s", "score_s", "train_s")}
+        print(f"  {side} step split (median s): " + ", ".join(f"{k} {v:.2f}" for k, v in split.items()))
+        if "trl" in median:
+            ratio = {key: median[side][key] / median["trl"][key] for key in keys[:4]}
+            print(f"  {side} / TRL: " + ", ".join(f"{value:.2f}x {key}" for key, value in ratio.items()), flush=True)
 
 
 if __name__ == "__main__":
