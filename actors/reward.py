@@ -53,19 +53,33 @@ class RewardModelWorker(WorkerBase):
                                                   max_pixels=settings.max_pixels)
                                        for source in records[row.request].images]
         return self.score([{"messages": [m.model_dump() for m in records[row.request].prompt],
-                            "images": loaded[row.request], "completion": row.text} for row in share.rows])
+                            "images": loaded[row.request], "completion": row.text} for row in share.rows],
+                          keys=[row.request for row in share.rows])
 
     @torch.no_grad()
-    def score(self, items: list[dict]) -> list[float]:
-        """items: {"messages": prompt chat, "images": [...], "completion": text} -> scores."""
+    def score(self, items: list[dict], keys: list | None = None) -> list[float]:
+        """items: {"messages": prompt chat, "images": [...], "completion": text} -> scores. `keys`:
+        items with the same key share their prompt and images (a GRPO group): their micro-batch
+        runs them as one packed row (the group forward), where the family packs."""
+        from vlrlhf.models.groups import groups_of
+
         examples = []
         for index, item in enumerate(items):
             messages = list(item["messages"]) + [{"role": "assistant", "content": item["completion"]}]
             examples.append(self.adapter.encode(messages, item.get("images") or [], record=f"reward item {index}"))
-        scores = []
-        for start in range(0, len(examples), self.micro_batch_size):
-            batch = self.adapter.collate(examples[start:start + self.micro_batch_size]).to(self.device)
-            scores.extend(last_token_scores(self.adapter, self.model, self.head, batch).tolist())
+        keys = list(range(len(items))) if keys is None else keys
+        order = [i for group in groups_of(keys) for i in group]  # a group's items side by side
+        scores: list = [None] * len(items)
+        for start in range(0, len(order), self.micro_batch_size):
+            chunk = order[start:start + self.micro_batch_size]
+            batch = self.adapter.collate([examples[i] for i in chunk]).to(self.device)
+            groups = groups_of([keys[i] for i in chunk])
+            representatives = None
+            if len(groups) < len(chunk):
+                representatives = self.adapter.collate([examples[chunk[g[0]]] for g in groups]).to(self.device)
+            values = last_token_scores(self.adapter, self.model, self.head, batch, groups, representatives).tolist()
+            for index, value in zip(chunk, values, strict=True):
+                scores[index] = value
         bad = [i for i, value in enumerate(scores) if not math.isfinite(value)]
         if bad:
             raise ValueError(f"reward model {self.path}: non-finite score for item(s) {bad[:5]}")

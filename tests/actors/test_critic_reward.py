@@ -71,6 +71,16 @@ def test_the_reward_model_role_scores_at_the_last_token(tiny_path, tmp_path):
         expected = last_token_scores(adapter, model, head, adapter.collate([example]))
         assert score == pytest.approx(float(expected[0]), abs=1e-5)
     assert one[0] != pytest.approx(one[1], abs=1e-6)  # the completion matters
+    # a GRPO step's items: three answers to one prompt, two to another, interleaved; with the
+    # prompts as keys each micro-batch packs a prompt's answers into one row (the group forward)
+    red, blue = request("red"), request("blue")
+    items = [dict(red, completion="red"), dict(blue, completion="blue"), dict(red, completion="a red circle"),
+             dict(blue, completion="two"), dict(red, completion="red circle")]
+    keys = [0, 1, 0, 1, 0]
+    worker = RewardModelWorker(str(folder), micro_batch_size=4)
+    separate, grouped = worker.score(items), worker.score(items, keys=keys)
+    assert grouped == pytest.approx(separate, abs=1e-5)
+    assert len(set(round(x, 4) for x in grouped)) == 5
 
 
 def test_a_lora_critic_trains_adapters_and_head_only_and_resumes_exactly(tiny_path, tmp_path):

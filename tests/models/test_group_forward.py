@@ -160,3 +160,21 @@ def test_critic_values_with_the_group_forward_equal_separate_rows(family, tiny_p
     torch.testing.assert_close(got, want, **TOLERANCE)
     got.sum().backward()
     assert_same_gradients(gradients(model), want_grads)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_reward_scores_with_the_group_forward_equal_separate_rows(family, tiny_path):
+    from vlrlhf.models.value_head import ScalarHead, last_token_scores
+
+    adapter, model = loaded(tiny_path, family)
+    batch, groups, representatives = grouped_rows(adapter, "left")
+    torch.manual_seed(1)
+    head = ScalarHead.create(model)
+    model.zero_grad(set_to_none=True)
+    want = last_token_scores(adapter, model, head, batch)
+    want.sum().backward()
+    want_grads = gradients(model)
+    got = last_token_scores(adapter, model, head, batch, groups, representatives)
+    torch.testing.assert_close(got, want, **TOLERANCE)
+    got.sum().backward()
+    assert_same_gradients(gradients(model), want_grads)

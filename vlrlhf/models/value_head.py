@@ -49,11 +49,16 @@ def last_positions(attention_mask: torch.Tensor) -> torch.Tensor:
     return last
 
 
-def last_token_scores(adapter, model, head: ScalarHead, batch: ModelBatch) -> torch.Tensor:
-    """(B,) the head read at the last non-pad token: the reward model's score of the whole text."""
-    hidden = adapter.hidden_states(model, batch)
-    rows = torch.arange(hidden.shape[0], device=hidden.device)
-    return head(hidden[rows, last_positions(batch.attention_mask)])
+def last_token_scores(adapter, model, head: ScalarHead, batch: ModelBatch, groups: list[list[int]] | None = None,
+                      representatives: ModelBatch | None = None) -> torch.Tensor:
+    """(B,) the head read at the last non-pad token: the reward model's score of the whole text.
+    `groups`, `representatives`: rows of one prompt in one packed row (adapter.group_hidden)."""
+    hidden, plan = adapter.group_hidden(model, batch, groups, representatives)
+    rows = torch.arange(len(batch), device=hidden.device)
+    last = last_positions(batch.attention_mask)
+    if plan is not None:
+        return head(hidden[plan.group_of, plan.index[rows, last]])
+    return head(hidden[rows, last])
 
 
 def pair_last_token_scores(adapter, model, head: ScalarHead, chosen: ModelBatch,
