@@ -1,6 +1,6 @@
 """Soak runs: does anything grow with the number of steps? (docs/training.md)
 
-    .venv/bin/python benchmarks/soak.py [--dpo-steps 3000] [--grpo-steps 1000] [--every 100]
+    .venv/bin/python benchmarks/soak.py [--dpo-steps 3000] [--grpo-steps 1000] [--every 100] [key=value ...]
 
 The tiny DPO (configs/demo_dpo.yaml, policy on a Ray worker, the reference a pipeline
 stage) and the tiny GRPO (configs/demo_grpo.yaml, policy and rollout engine on Ray
@@ -73,7 +73,7 @@ def sample(me, step: int, samples: list) -> None:
     samples.append({"step": step, "time": time.time(), "rss_mb": rss, "object_store_mb": object_store_mb()})
 
 
-def measure(kind: str, steps: int, every: int) -> dict:
+def measure(kind: str, steps: int, every: int, extra: list[str]) -> dict:
     """One run in this process; a sample every `every` steps, taken by the job's own loop."""
     import psutil
 
@@ -105,7 +105,7 @@ def measure(kind: str, steps: int, every: int) -> dict:
     from jobs.run import run_job
 
     started = time.perf_counter()
-    code = run_job(str(ROOT / "configs" / spec), overrides + [
+    code = run_job(str(ROOT / "configs" / spec), overrides + extra + [
         f"trainer.max_steps={steps}", "trainer.log_every=100", f"checkpoint.dir={folder / 'ck'}",
         "checkpoint.every=1000000"], run_dir=str(folder / "run"))
     return {"kind": kind, "steps": steps, "code": code, "wall_s": time.perf_counter() - started, "samples": samples}
@@ -142,8 +142,8 @@ def report(result: dict) -> bool:
     return flat
 
 
-def in_fresh_process(kind: str, steps: int, every: int) -> dict:
-    done = subprocess.run([sys.executable, __file__, "_run", kind, str(steps), str(every)], capture_output=True,
+def in_fresh_process(kind: str, steps: int, every: int, extra: list[str]) -> dict:
+    done = subprocess.run([sys.executable, __file__, "_run", kind, str(steps), str(every), *extra], capture_output=True,
                           text=True, cwd=ROOT, env={**os.environ, **ENV})
     line = [x for x in done.stdout.splitlines() if x.startswith("RESULT ")]
     if not line:
@@ -158,8 +158,9 @@ def main() -> None:
     parser.add_argument("--grpo-steps", type=int, default=1000)
     parser.add_argument("--every", type=int, default=100)
     parser.add_argument("--json", help="also write the samples here")
+    parser.add_argument("overrides", nargs="*", help="spec overrides for both runs (key=value)")
     args = parser.parse_args()
-    results = [in_fresh_process(kind, steps, args.every)
+    results = [in_fresh_process(kind, steps, args.every, args.overrides)
                for kind, steps in (("dpo", args.dpo_steps), ("grpo", args.grpo_steps)) if steps]
     flat = [report(result) for result in results]
     if args.json:
@@ -169,6 +170,7 @@ def main() -> None:
 
 if __name__ == "__main__":
     if len(sys.argv) > 1 and sys.argv[1] == "_run":
-        print("RESULT " + json.dumps(measure(sys.argv[2], int(sys.argv[3]), int(sys.argv[4]))), flush=True)
+        result = measure(sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), sys.argv[5:])
+        print("RESULT " + json.dumps(result), flush=True)
     else:
         main()

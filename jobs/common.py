@@ -249,6 +249,13 @@ class PipelineBudgetError(RuntimeError):
     """The actor groups leave the data pipeline no CPU: the job would hang, so it does not start."""
 
 
+# data.pipeline_memory_mb's defaults. Ray Data bounds the blocks queued ahead in bytes, and the
+# driver keeps each queued block's metadata (~10 KB): online prompt blocks hold a few KB of
+# records, so 256 MiB of them is tens of thousands of blocks, and a 1,000-step GRPO soak
+# (benchmarks/soak.py) saw the driver grow 11.5 MB per 100 steps; at 16 MiB it stayed flat.
+ROWS_MEMORY_MB, PROMPT_MEMORY_MB = 256, 16
+
+
 def pipeline_budget(spec: JobSpec, roles: tuple[str, ...], cluster_cpus: float | None = None) -> PipelineResources:
     """CPUs for the Ray Data stages, budgeted against the groups' reservations.
 
@@ -280,7 +287,7 @@ def pipeline_budget(spec: JobSpec, roles: tuple[str, ...], cluster_cpus: float |
             f"leaving {max(free, 0):g} for the data pipeline, which needs {needed:g} (Ray Data runs {what} "
             "outside placement groups, so the job would wait forever). Lower resources.<role>.cpus "
             "(fractions work, e.g. 0.5) or add CPUs to the cluster")
-    memory = spec.data.pipeline_memory_mb
+    memory = spec.data.pipeline_memory_mb or (PROMPT_MEMORY_MB if online else ROWS_MEMORY_MB)
     if online:
         return PipelineResources(encoders=0, encoder_cpus=0.0, readers=1, reader_cpus=READ_CPUS, memory_mb=memory)
     return dataclasses.replace(pipeline_resources(min(float(spec.data.pipeline_cpus), free)), memory_mb=memory)

@@ -58,8 +58,10 @@ class DataSpec(Section):
     # outside the actor groups' placement groups, so at least one CPU must be left free by
     # them: checked against the cluster before anything starts (jobs.common.pipeline_budget).
     pipeline_cpus: int = Field(1, ge=1)
-    # Object-store memory the pipeline's blocks may hold ahead of the trainer (MiB).
-    pipeline_memory_mb: int = Field(256, ge=16)
+    # Object-store memory the pipeline's blocks may hold ahead of the trainer (MiB); default
+    # 256 for offline jobs (encoded rows), 16 for online prompt streams (records: small blocks,
+    # and the driver keeps Ray Data's metadata for every block queued; jobs.common).
+    pipeline_memory_mb: int | None = Field(None, ge=16)
     # The seeded order shuffles read units, then records inside windows of at least this many
     # records (vlrlhf.data.order); one window's records are held by one reader at a time.
     shuffle_window: int = Field(1024, ge=1)

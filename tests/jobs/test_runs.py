@@ -134,6 +134,7 @@ def test_pipeline_budget_is_what_the_groups_leave_free():
     assert budget(4, "data.pipeline_cpus=8") == PipelineResources(3, 2.75 / 3, 1)  # never more than is free
     assert budget(16, "data.pipeline_cpus=8") == PipelineResources(8, 7.5 / 8, 2)  # a reader per four CPUs
     assert budget(4, "data.pipeline_memory_mb=64").memory_mb == 64  # the object-store bound passes through
+    assert budget(4).memory_mb == 256  # offline default: encoded rows
     assert budget(2, "resources.policy.cpus=0.5", "resources.reference={num_workers: 1, cpus: 0.5}") == \
         PipelineResources(1, 0.75, 1)
     for cpus in (1, 1.5, 2, 3.7, 8, 33):  # whatever is free: the pools' CPUs add up to it, or to less
@@ -144,6 +145,11 @@ def test_pipeline_budget_is_what_the_groups_leave_free():
         budget(2, "resources.reference={num_workers: 1, cpus: 1}")
     with pytest.raises(PipelineBudgetError, match="leaving 0.5 for the data pipeline"):
         budget(2, "resources.policy.cpus=0.75", "resources.reference={num_workers: 1, cpus: 0.75}")
+    # an online job's prompt stream: small blocks of records, a small default bound; a spec's value wins
+    grpo = load_spec(ROOT / "configs" / "demo_grpo.yaml")
+    assert pipeline_budget(grpo, ("policy",), cluster_cpus=4).memory_mb == 16
+    grpo = load_spec(ROOT / "configs" / "demo_grpo.yaml", ["data.pipeline_memory_mb=64"])
+    assert pipeline_budget(grpo, ("policy",), cluster_cpus=4).memory_mb == 64
 
 
 class Alarm:
