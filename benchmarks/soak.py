@@ -53,9 +53,10 @@ def process_name(process) -> str:
 
 def object_store_mb() -> float:
     """Plasma memory in use on this node (Ray's memory summary)."""
+    import ray
     from ray._private.internal_api import memory_summary
 
-    text = memory_summary(stats_only=True)
+    text = memory_summary(address=ray.get_runtime_context().gcs_address, stats_only=True)  # this run's cluster
     found = re.search(r"Plasma memory usage ([\d.]+) MiB", text)
     return float(found.group(1)) if found else float("nan")
 
