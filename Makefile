@@ -13,7 +13,7 @@ demo: $(STAMP)
 	$(VENV)/bin/vlrlhf demo
 
 test: $(STAMP)
-	$(VENV)/bin/python -m pytest tests -q -p no:cacheprovider
+	$(VENV)/bin/python -m pytest tests -q -p no:cacheprovider --durations=40
 
 clean:
 	rm -rf $(VENV) .demo
