@@ -9,6 +9,7 @@ from __future__ import annotations
 import re
 
 from vlrlhf.eval.extract import choice_letter
+from vlrlhf.rewards.maths import math
 
 NUMBER = re.compile(r"-?\d+(?:,\d{3})*(?:\.\d+)?(?:[eE][-+]?\d+)?")
 
@@ -66,4 +67,4 @@ def format_match(completions, records, *, pattern: str) -> list[float]:
 
 
 BUILTINS = {"exact_match": exact_match, "multiple_choice": multiple_choice, "numeric": numeric,
-            "length_penalty": length_penalty, "format_match": format_match}
+            "length_penalty": length_penalty, "format_match": format_match, "math": math}
