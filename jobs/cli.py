@@ -35,6 +35,14 @@ def cmd_demo(args) -> int:
 def cmd_data_synth(args) -> int:
     from vlrlhf.data.synthetic import KINDS, synthesize
 
+    if args.kind == "geometry":
+        from vlrlhf.data.geometry import synthesize_geometry
+
+        for path in synthesize_geometry(args.out_dir, num_train=args.num_train, num_test=args.num_test,
+                                        seed=args.seed).values():
+            print(f"wrote {path}")
+        print(f"image_root: {args.out_dir} (format: geometry3k; geometry_sft.json: llava)")
+        return 0
     kinds = KINDS if args.kind == "all" else ("sft",) if args.kind == "bench" else (args.kind,)
     written = synthesize(args.out_dir, kinds, num_train=args.num_train, num_test=args.num_test, seed=args.seed)
     for path in written.values():
@@ -227,8 +235,9 @@ def build_parser() -> argparse.ArgumentParser:
     synth = data_commands.add_parser("synth", help="write the synthetic shapes data sets",
                                      description="Write coloured-shape images and SFT / preference / KTO / "
                                                  "prompt data sets (train and test) in public formats.")
-    synth.add_argument("kind", choices=["all", "sft", "preference", "kto", "prompts", "bench"],
-                       help="bench: the test questions as a multiple-choice benchmark TSV (Shapes_MC.tsv)")
+    synth.add_argument("kind", choices=["all", "sft", "preference", "kto", "prompts", "bench", "geometry"],
+                       help="bench: the test questions as a multiple-choice benchmark TSV (Shapes_MC.tsv); "
+                            "geometry: maths problems on drawn figures (format geometry3k, and an SFT cold start)")
     synth.add_argument("out_dir")
     synth.add_argument("--num-train", type=int, default=400)
     synth.add_argument("--num-test", type=int, default=100)

@@ -334,6 +334,31 @@ def prompts(row, context):
                       answer=None if answer is None else str(answer), metadata=metadata)]
 
 
+def geometry3k(row, context):
+    """Maths with images in the layout of hiyouga/geometry3k: images, problem (with <image>
+    placeholders or none), answer; veRL's geo3k parquet (prompt messages, reward_model.ground_truth)
+    reads too. `format_options.instruction` is appended to the problem (default: think, then
+    a boxed answer, what the `math` reward reads; "" for none)."""
+    from vlrlhf.data.geometry import INSTRUCTION
+
+    images = [cell_to_source(i) for i in images_of(row)]
+    graded = row.get("reward_model")
+    answer = row.get("answer", graded.get("ground_truth") if isinstance(graded, dict) else None)
+    if answer is None:
+        raise RecordError("missing_field", "missing field 'answer' (or reward_model.ground_truth)")
+    if not isinstance(answer, (str, int, float)):
+        raise RecordError("wrong_type", f"field 'answer' is {type(answer).__name__}")
+    instruction = context.options.get("instruction", INSTRUCTION)
+    if "problem" in row:
+        text = field(row, "problem")
+        messages = [{"role": "user", "content": f"{text} {instruction}".strip() if instruction else text}]
+    else:
+        messages = messages_of(field(row, "prompt", kind=(str, list)))
+    metadata = {k: v for k, v in row.items() if k not in ("prompt", "problem", "image", "images", "answer")}
+    return [validated(PromptRecord, prompt=with_placeholders(messages, len(images)), images=images,
+                      answer=str(answer), metadata=metadata)]
+
+
 def records(row, context):
     """vlrlhf's own records, as `record.model_dump()` writes them (quarantine files, synthetic data)."""
     try:
@@ -345,7 +370,7 @@ def records(row, context):
 FORMATS: dict[str, Callable] = {
     "plain_dpo": plain_dpo, "vlquery_json": conversations, "llava": conversations, "sharegpt": conversations,
     "trl_preference": trl_preference, "kto": kto, "vlfeedback": vlfeedback, "rlhfv": rlhfv, "rlaifv": rlaifv,
-    "prompts": prompts, "records": records,
+    "prompts": prompts, "geometry3k": geometry3k, "records": records,
 }
 
 
