@@ -18,7 +18,13 @@ from vlrlhf.models.base import LoadOptions
 
 
 def device() -> torch.device:
-    return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+    """This worker's device. On GPUs, fp32 matmuls and convolutions (fp32 master weights, the
+    vision towers' convolutions, reductions outside autocast) use TF32 tensor cores."""
+    if not torch.cuda.is_available():
+        return torch.device("cpu")
+    torch.backends.cuda.matmul.allow_tf32 = True
+    torch.backends.cudnn.allow_tf32 = True
+    return torch.device("cuda")
 
 
 def load_options(model: ModelSpec) -> LoadOptions:
@@ -57,10 +63,13 @@ def rng_state() -> dict:
     """This process's random states as tensors and plain values (what a safe load reads back)."""
     kind, keys, position, has_gauss, gauss = np.random.get_state()
     version, internal, gauss_next = random.getstate()
-    return {"torch": torch.get_rng_state(),
-            "numpy": {"kind": kind, "keys": torch.from_numpy(keys.astype(np.int64)), "position": int(position),
-                      "has_gauss": int(has_gauss), "gauss": float(gauss)},
-            "python": {"version": version, "state": list(internal), "gauss_next": gauss_next}}
+    state = {"torch": torch.get_rng_state(),
+             "numpy": {"kind": kind, "keys": torch.from_numpy(keys.astype(np.int64)), "position": int(position),
+                       "has_gauss": int(has_gauss), "gauss": float(gauss)},
+             "python": {"version": version, "state": list(internal), "gauss_next": gauss_next}}
+    if torch.cuda.is_available():  # dropout (LoRA's too) on a GPU draws from the CUDA generators
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
 
 
 def set_rng_state(state: dict) -> None:
@@ -70,6 +79,9 @@ def set_rng_state(state: dict) -> None:
                          numpy["has_gauss"], numpy["gauss"]))
     python = state["python"]
     random.setstate((python["version"], tuple(python["state"]), python["gauss_next"]))
+    if "cuda" in state and torch.cuda.is_available():  # a GPU run resumed on GPUs (as many as it sees)
+        for index, cuda_state in enumerate(state["cuda"][:torch.cuda.device_count()]):
+            torch.cuda.set_rng_state(cuda_state, index)
 
 
 class UnsafeStateError(ValueError):

@@ -21,14 +21,17 @@ STATE_FOLDER = "deepspeed"
 TAG = "state"
 
 
-def engine_config(trainer, micro_batches_per_step: int, world_size: int, dtype: str = "float32") -> dict:
+def engine_config(trainer, micro_batches_per_step: int, world_size: int, dtype: str = "float32",
+                  on_gpu: bool = False) -> dict:
+    """DeepSpeed's configuration. On GPUs the gradient reduction overlaps the backward pass
+    (`overlap_comm`, on its own CUDA stream); on CPU there is no stream to overlap on."""
     precision = {"bf16": {"enabled": True}} if dtype == "bfloat16" else \
         {"fp16": {"enabled": True}} if dtype == "float16" else {}
     return {"train_micro_batch_size_per_gpu": trainer.micro_batch_size,
             "gradient_accumulation_steps": micro_batches_per_step,
             "train_batch_size": trainer.micro_batch_size * micro_batches_per_step * world_size,
             "gradient_clipping": trainer.max_grad_norm or 0.0,
-            "zero_optimization": {"stage": trainer.zero_stage, "overlap_comm": False,
+            "zero_optimization": {"stage": trainer.zero_stage, "overlap_comm": on_gpu,
                                   "contiguous_gradients": True},
             "zero_allow_untested_optimizer": True, "steps_per_print": 10**9, "wall_clock_breakdown": False,
             **precision}
@@ -55,7 +58,7 @@ class DeepSpeedStrategy:
         self.variable_steps, self.remaining = variable_steps, 0
         self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
             model=model, optimizer=optimizer, lr_scheduler=scheduler,
-            config=engine_config(trainer, self.micro_batches, world_size, dtype))
+            config=engine_config(trainer, self.micro_batches, world_size, dtype, on_gpu=torch.cuda.is_available()))
 
     def before_forward(self) -> None:
         """What engine.forward does first. The adapters call the model's parts (decoder,

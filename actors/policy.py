@@ -87,10 +87,11 @@ class PolicyWorker(WorkerBase):
         if self.trainer.strategy == "deepspeed":
             from actors.deepspeed_engine import DeepSpeedStrategy
 
-            if not dist.is_initialized():  # one worker: DeepSpeed still wants a process group
-                from actors.group import free_port
+            if not dist.is_initialized():  # one worker: DeepSpeed still wants a process group,
+                from actors.group import free_port  # and ZeRO puts this device's tensors through it
 
-                dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
+                backend = "nccl" if self.device.type == "cuda" else "gloo"
+                dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
             self.deepspeed = DeepSpeedStrategy(self.model, self.optimizer, self.scheduler, self.trainer,
                                                world_size, self.model_spec.dtype,
                                                variable_steps=self.online is not None)

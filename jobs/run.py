@@ -22,6 +22,19 @@ def _has_cuda() -> bool:
     return torch.cuda.is_available()
 
 
+def worker_env(environ, joining: bool) -> dict[str, str]:
+    """What the job's workers get from the driver's environment. Settings of the job travel;
+    DS_ACCELERATOR describes the driver's machine and travels only to a cluster this process
+    starts: a driver in the CPU image (DS_ACCELERATOR=cpu) that joins a GPU cluster must not
+    put DeepSpeed on CPU on every GPU worker, whose nodes set their own."""
+    names = ("TOKENIZERS_PARALLELISM", "HF_HUB_OFFLINE") + (() if joining else ("DS_ACCELERATOR",))
+    env = {name: environ[name] for name in names if name in environ}
+    # Ray starts workers at niceness 15 and the driver at 0: a driver that trains (the policy
+    # in-process) would starve the encode tasks that feed it; this job's workers run at its priority.
+    env["RAY_worker_niceness"] = environ.get("RAY_worker_niceness", "0")
+    return env
+
+
 def start_ray(dashboard: bool | None = None) -> None:
     """Join the cluster at RAY_ADDRESS, or start a local one with its dashboard on 127.0.0.1
     (`dashboard=False`, `--no-dashboard` or VLRLHF_DASHBOARD=0: without). Ray already
@@ -35,15 +48,9 @@ def start_ray(dashboard: bool | None = None) -> None:
     if dashboard is None:
         dashboard = os.environ.get("VLRLHF_DASHBOARD", "1").lower() not in ("0", "false", "no", "off")
     address = os.environ.get("RAY_ADDRESS")
-    # Worker processes inherit the job's environment variables.
-    runtime_env = {"env_vars": {k: os.environ[k] for k in ("TOKENIZERS_PARALLELISM", "HF_HUB_OFFLINE",
-                                                           "DS_ACCELERATOR") if k in os.environ}}
-    # Ray starts workers at niceness 15 and the driver at 0: a driver that trains (the policy
-    # in-process) would starve the encode tasks that feed it; this job's workers run at its priority.
-    runtime_env["env_vars"].setdefault("RAY_worker_niceness", os.environ.get("RAY_worker_niceness", "0"))
     if not address and not _has_cuda():  # a local CPU cluster: DeepSpeed need not probe (and warn) per worker
-        runtime_env["env_vars"].setdefault("DS_ACCELERATOR", "cpu")
         os.environ.setdefault("DS_ACCELERATOR", "cpu")  # nor in this process (roles in-process, checkpoints)
+    runtime_env = {"env_vars": worker_env(os.environ, joining=bool(address))}
     if not address:  # a cluster this command starts keeps Ray's token authentication; the URL line says so
         logging.getLogger("ray._private.authentication.authentication_token_setup").addFilter(_DropAuthNotice())
     if address:

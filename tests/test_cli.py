@@ -107,3 +107,14 @@ def test_a_local_cluster_runs_the_jobs_workers_at_the_drivers_priority():
     assert line, out.stdout[-2000:] + out.stderr[-2000:]
     driver, worker = map(int, line[0].split()[1:])
     assert worker == driver
+
+
+def test_the_drivers_accelerator_setting_stays_on_its_machine_when_it_joins_a_cluster():
+    """A driver in the CPU image (DS_ACCELERATOR=cpu) that joins a GPU cluster must not put
+    DeepSpeed on CPU on the GPU workers; a cluster it starts itself is its own machine."""
+    from jobs.run import worker_env
+
+    environ = {"DS_ACCELERATOR": "cpu", "TOKENIZERS_PARALLELISM": "false", "PATH": "/bin"}
+    assert worker_env(environ, joining=True) == {"TOKENIZERS_PARALLELISM": "false", "RAY_worker_niceness": "0"}
+    assert worker_env(environ, joining=False) == {"DS_ACCELERATOR": "cpu", "TOKENIZERS_PARALLELISM": "false",
+                                                  "RAY_worker_niceness": "0"}

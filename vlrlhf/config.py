@@ -338,6 +338,12 @@ class JobSpec(Section):
                                  f"resources.policy.num_workers (>= 1), got {group.num_workers}")
         if self.resources.policy.colocate:
             raise ValueError("resources.policy.colocate: the policy owns the bundles others colocate on")
+        rollout = self.resources.rollout
+        if (self.online is not None and self.online.weight_sync == "collective" and rollout.colocate
+                and max(rollout.gpus, self.resources.policy.gpus) > 0):
+            raise ValueError("online.weight_sync=collective with resources.rollout.colocate=policy would put a "
+                             "policy rank and an engine rank of one NCCL group on the same GPU, which NCCL "
+                             "refuses; use online.weight_sync=object_store for colocated engines")
         if self.resources.reference.num_workers not in (0, self.resources.policy.num_workers):
             raise ValueError("resources.reference.num_workers must be 0 (in the driver) or equal to "
                              f"resources.policy.num_workers={self.resources.policy.num_workers}")

@@ -134,6 +134,12 @@ def test_cross_field_rules(tmp_path):
         load_spec(minimal(tmp_path), ["reference.mode=policy"])
     with pytest.raises(SpecError, match="kto needs trainer.batch_size >= 2"):
         load_spec(minimal(tmp_path), ["algorithm.name=kto", "trainer.batch_size=1"])
+    colocated = ["resources.policy.num_workers=1", "resources.rollout.num_workers=1",
+                 "resources.rollout.colocate=policy", "online.weight_sync=collective"]
+    grpo = ROOT / "configs" / "demo_grpo.yaml"
+    with pytest.raises(SpecError, match="same GPU, which NCCL refuses"):
+        load_spec(grpo, colocated + ["resources.policy.gpus=1", "resources.rollout.gpus=1"])
+    assert load_spec(grpo, colocated).online.weight_sync == "collective"  # gloo on CPU takes both ranks
 
 
 @pytest.mark.parametrize("typed, resume", [("off", "off"), ("false", "off"), ("no", "off"), ("'off'", "off"),
