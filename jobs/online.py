@@ -201,7 +201,7 @@ class OnlineJob:
             self.critic = ActorGroup(CriticWorker, spec.resources.critic, name="critic",
                                      args=(spec.model, online.critic, spec.trainer, updates), share=share("critic"),
                                      connect=False)
-        kwargs = {"dtype": spec.model.dtype}
+        kwargs = {"dtype": spec.model.dtype, "processor": dict(spec.model.processor)}
         if online.engine == "vllm":
             kwargs |= {"max_model_len": online.max_model_len, "sleep_mode": bool(spec.resources.rollout.colocate),
                        "tensor_parallel_size": online.tensor_parallel_size,

@@ -85,6 +85,21 @@ def test_image_placeholders_are_never_sampled_and_never_priced(tiny_path):
     assert float(full.sum()) < sum(sample.logprobs) - 5.0
 
 
+def test_the_engine_encodes_images_at_the_specs_resolution(tiny_path):
+    """model.processor reaches the rollout engine (online.py passes it): Qwen2-VL's max_pixels
+    gives the engine's prompt the policy's image token count, and it samples from it."""
+    pad = "<|image_pad|>"
+    default = TransformersEngine(str(tiny_path("qwen2_vl")))
+    small = make_engine("transformers", str(tiny_path("qwen2_vl")), processor={"max_pixels": 28 * 28})
+    req = request("red")
+    counts = [engine.encode([req])[0].input_ids.count(engine.adapter.tokenizer.convert_tokens_to_ids(pad))
+              for engine in (default, small)]
+    assert counts == [4, 1]  # a 56x56 image: (56 / 14)^2 patches merged 2x2, or 28x28 after the resize
+    samples = small.generate([req], Sampling(n=2, temperature=1.0, max_tokens=4, seed=0))
+    recomputed = recomputed_logprobs(small, req, samples[0].token_ids)
+    assert torch.allclose(torch.tensor(recomputed), torch.tensor(samples[0].logprobs), atol=1e-4)
+
+
 @pytest.mark.parametrize("family", FAMILIES)
 def test_the_rows_an_update_scores_price_a_sample_as_the_engine_did(family, tiny_path):
     """A sampled completion turned into a training row (vlrlhf.rows: prompt + completion, the
