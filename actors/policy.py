@@ -293,11 +293,13 @@ class PolicyWorker(WorkerBase):
     def sync_state(self) -> dict:
         """The tensors a rollout engine must refresh (rank 0; the others return {}); every
         rank calls it (ZeRO-3 gathers). See actors.weight_sync.merged_state."""
-        return merged_state(self.model, self.rank, self.deepspeed)
+        return merged_state(self.model, self.rank, self.deepspeed, dtype=getattr(torch, self.model_spec.dtype))
 
     def stage_weights(self) -> list:
-        """weight_sync=collective, every rank: take the sync state; rank 0 returns its manifest."""
-        self.outgoing = self.sync_state()
+        """weight_sync=collective, every rank: take the sync state (left on the device the
+        broadcast sends from); rank 0 returns its manifest."""
+        self.outgoing = merged_state(self.model, self.rank, self.deepspeed, dtype=getattr(torch, self.model_spec.dtype),
+                                     to_cpu=False)
         return state_manifest(self.outgoing)
 
     def send_weights(self, host: str, port: int, world_size: int) -> int:

@@ -44,7 +44,7 @@ import time
 import torch
 
 from actors.group import WorkerBase, resolve
-from actors.weight_sync import receive_broadcast, weight_group
+from actors.weight_sync import receive_broadcast, state_bytes, weight_group
 from vlrlhf.models.base import LoadOptions
 
 ENGINE_SEED_STRIDE = 1_000_000_007  # engine e samples with seed + e * stride: distinct streams, engine 0 unchanged
@@ -255,7 +255,8 @@ class VLLMEngine:
         the old weights is cleared: prefix (KV), multimodal, encoder."""
         from vlrlhf.models.weights import to_checkpoint_names
 
-        renamed = to_checkpoint_names(self.names, {k: v.detach().cpu() for k, v in named_tensors.items()})
+        # vLLM's loaders copy from any device: tensors a broadcast left on the GPU stay there
+        renamed = to_checkpoint_names(self.names, {k: v.detach() for k, v in named_tensors.items()})
         items = list(renamed.items())
 
         # vLLM's in-place reload re-runs each layer's post-load processing (CPU kernels repack
@@ -309,16 +310,18 @@ class RolloutWorker(WorkerBase):
 
     def load_weights(self, named_tensors: dict) -> dict:
         started = time.perf_counter()
-        loaded = self.engine.load_weights(resolve(named_tensors))
-        return {"tensors": loaded, "seconds": time.perf_counter() - started}
+        tensors = resolve(named_tensors)
+        loaded = self.engine.load_weights(tensors)
+        return {"tensors": loaded, "bytes": state_bytes(tensors), "seconds": time.perf_counter() - started}
 
     def receive_weights(self, host: str, port: int, rank: int, world_size: int, manifest: list) -> dict:
         """Receive the policy's tensors by broadcast from rank 0, then load them."""
         started = time.perf_counter()
         if self.weight_group is None:
             self.weight_group = weight_group(host, port, rank, world_size)
-        loaded = self.engine.load_weights(receive_broadcast(self.weight_group, manifest))
-        return {"tensors": loaded, "seconds": time.perf_counter() - started}
+        tensors = receive_broadcast(self.weight_group, manifest)
+        loaded = self.engine.load_weights(tensors)
+        return {"tensors": loaded, "bytes": state_bytes(tensors), "seconds": time.perf_counter() - started}
 
     def sleep(self) -> dict:
         """Free the accelerator while a colocated policy trains (a no-op on CPU)."""

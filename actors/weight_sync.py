@@ -19,12 +19,14 @@ WEIGHT_SYNC_TIMEOUT_S = 1800  # a broadcast waits for an engine still busy with 
 
 
 @torch.no_grad()
-def merged_state(model, rank: int, deepspeed=None) -> dict:
+def merged_state(model, rank: int, deepspeed=None, dtype: torch.dtype | None = None, to_cpu: bool = True) -> dict:
     """The tensors a rollout engine must refresh, under the plain model's parameter names
-    (rank 0; the other ranks return {}): trainable parameters (full fine-tuning), or with
-    LoRA the merged weights of the adapted layers (W + scale * B A, computed beside W, which
-    stays untouched) plus any other trainable parameter. ZeRO-3 gathers each tensor first:
-    every rank must call this."""
+    (rank 0; the other ranks return {} and merge nothing): trainable parameters (full
+    fine-tuning), or with LoRA the merged weights of the adapted layers (W + scale * B A,
+    computed beside W, which stays untouched) plus any other trainable parameter. `dtype`:
+    the engines' (model.dtype): fp32 master weights and fp32 LoRA deltas travel at the
+    engines' width, not twice it. `to_cpu=False` keeps them on the device (a broadcast sends
+    them from there). ZeRO-3 gathers each tensor first: every rank must call this."""
     from actors.deepspeed_engine import gathered
 
     modules = dict(model.named_modules())
@@ -35,13 +37,19 @@ def merged_state(model, rank: int, deepspeed=None) -> dict:
             continue
         layer = modules[name.split(".base_layer.")[0]] if adapted else None
         with gathered(list(layer.parameters()) if adapted else [parameter], deepspeed):
+            if rank != 0:
+                continue
             tensor = parameter.detach()
             if adapted and name.endswith(".base_layer.weight"):
                 tensor = tensor + sum(layer.get_delta_weight(a) for a in layer.active_adapters if a in layer.lora_A)
-            if rank == 0:
-                plain = name.removeprefix("base_model.model.").replace(".base_layer.", ".")
-                out[plain] = tensor.cpu().clone()
+            tensor = tensor.to(dtype or parameter.dtype)
+            plain = name.removeprefix("base_model.model.").replace(".base_layer.", ".")
+            out[plain] = tensor.cpu().clone() if to_cpu else tensor.clone()
     return out
+
+
+def state_bytes(state: dict) -> int:
+    return sum(t.numel() * t.element_size() for t in state.values())
 
 
 def state_manifest(state: dict) -> list:
@@ -100,5 +108,5 @@ def sync_weights(policy, rollout, method: str = "object_store") -> dict:
     else:
         state = policy.broadcast("sync_state")[0]  # an ObjectRef (a value in-process)
         results = rollout.get(rollout.broadcast("load_weights", state))
-    return {"tensors": results[0]["tensors"], "load_s": max(r["seconds"] for r in results),
-            "sync_s": time.perf_counter() - started}
+    return {"tensors": results[0]["tensors"], "bytes": results[0]["bytes"],
+            "load_s": max(r["seconds"] for r in results), "sync_s": time.perf_counter() - started}

@@ -349,6 +349,7 @@ class OnlineJob:
             sync = sync_weights(self.policy, self.rollout, self.online.weight_sync)
             timings["sync_s"] = time.perf_counter() - mark
             values["train/synced_tensors"] = float(sync["tensors"])
+            values["train/synced_bytes"] = float(sync["bytes"])
         self.step += 1
         self.after_key = result.last_key
         self.epoch = split_key(self.after_key)[0]

@@ -64,3 +64,37 @@ def test_rollout_follows_the_policy_after_sync(ray_cluster, pairs, tmp_path, lor
     else:  # LoRA: the merged weights of the adapted layers only
         assert stats["tensors"] == len(adapter.lora_targets(base))
     assert stats["sync_s"] >= stats["load_s"] >= 0
+    sent = [p for n, p in names.items() if p.requires_grad and "vision_tower" not in n] if lora is None else \
+        [names[f"{target}.weight"] for target in adapter.lora_targets(base)]
+    assert stats["bytes"] == 4 * sum(p.numel() for p in sent)  # float32 here
+
+
+def test_the_merged_state_travels_at_the_engines_width(tiny_path):
+    """A bf16 base with fp32 LoRA adapters (the policy's layout) merges into bf16 tensors,
+    W + scale * B A rounded once; fp32 master weights go at the engines' bf16 too; other
+    ranks return nothing."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+
+    from actors.weight_sync import merged_state, state_bytes
+    from vlrlhf.models.registry import load_adapter
+
+    path = str(tiny_path("llava"))
+    adapter = load_adapter(path)
+    base = adapter.load_model().to(torch.bfloat16)
+    targets = adapter.lora_targets(base)
+    model = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules=targets, init_lora_weights=False))
+    for parameter in model.parameters():
+        if parameter.requires_grad:
+            parameter.data = parameter.data.float()
+    state = merged_state(model, 0, dtype=torch.bfloat16)
+    assert state and {t.dtype for t in state.values()} == {torch.bfloat16}
+    layer = next(m for n, m in model.named_modules() if hasattr(m, "lora_A") and n.endswith(targets[0]))
+    name = next(n for n, m in model.named_modules() if m is layer)
+    plain = name.removeprefix("base_model.model.") + ".weight"
+    expected = (layer.base_layer.weight.float() + layer.get_delta_weight("default")).to(torch.bfloat16)
+    assert torch.equal(state[plain], expected)
+    assert state_bytes(state) == sum(2 * t.numel() for t in state.values())
+    assert merged_state(model, 1, dtype=torch.bfloat16) == {}
+    full = adapter.load_model()  # fp32 master weights, engines in bf16
+    assert {t.dtype for t in merged_state(full, 0, dtype=torch.bfloat16).values()} == {torch.bfloat16}
