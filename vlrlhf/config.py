@@ -183,6 +183,9 @@ class OnlineSpec(Section):
     reward_model: RewardModelSpec | None = None
     clip_low: float = Field(0.2, ge=0)
     clip_high: float = Field(0.2, ge=0)  # > clip_low: DAPO's clip-higher
+    # sequence: GSPO's one ratio per completion (geometric mean of its tokens'), clipped whole;
+    # the paper clips at 3e-4 / 4e-4 (clip_low / clip_high)
+    importance_ratio: Literal["token", "sequence"] = "token"
     kl_coef: float = Field(0.0, ge=0)  # grpo/rloo: KL in the loss (k3); reinforce_pp/ppo: in the reward (k1)
     kl_estimator: Literal["k1", "k2", "k3"] | None = None  # None: k3 in the loss, k1 in the reward
     truncated: Literal["keep", "mask"] = "keep"  # mask: no loss on completions cut at max_tokens (DAPO)

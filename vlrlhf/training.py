@@ -235,7 +235,8 @@ def rl_micro_step(adapter, model, rl: RLBatch, ref_logps: torch.Tensor | None, o
     mask = rl.batch.loss_mask
     advantages = rl.advantages[:, None].expand_as(logps) if rl.advantages.dim() == 1 else rl.advantages
     out = ppo_policy_loss(logps, rl.old_logps, advantages, mask, clip_low=online.clip_low,
-                          clip_high=online.clip_high, aggregation="seq-mean-token-sum")
+                          clip_high=online.clip_high, aggregation="seq-mean-token-sum",
+                          sequence_ratio=online.importance_ratio == "sequence")
     total = out.loss * len(rl.batch)  # the token sum
     metrics = {"policy_loss_sum": float(total.detach()), "tokens": float(mask.sum()),
                "clip_fraction_sum": float(out.clip_fraction) * float(mask.sum()),

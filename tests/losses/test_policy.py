@@ -255,3 +255,39 @@ def test_policy_functions_stay_finite_at_extremes(dtype):
     assert torch.isfinite(out.loss) and torch.isfinite(out.approx_kl)
     assert torch.isfinite(kl_rewards(torch.ones(2, dtype=dtype), logps, ref, mask, 0.05, "k3")).all()
     assert torch.isfinite(reinforce_pp_advantages(logps, mask)).all()
+
+
+def test_gspo_sequence_ratio_value_and_gradient_from_the_paper():
+    """GSPO (Zheng+ 2025): s_i = (pi(y_i) / pi_old(y_i))^(1/|y_i|), the objective per sequence
+    min(s_i A_i, clip(s_i, 1 - eps_l, 1 + eps_h) A_i), its gradient A_i * s_i * mean_t grad log pi(y_t)
+    where unclipped and 0 where clipped; padding takes no part."""
+    old = torch.tensor([[-1.0, -2.0, -0.5, 0.0], [-1.0, -1.0, 0.0, 0.0]])
+    shift = torch.tensor([[0.3, -0.1, 0.1, 9.0], [0.0002, 0.0001, 0.0, 0.0]])  # last two of row 1: padding
+    mask = torch.tensor([[1, 1, 1, 0], [1, 1, 0, 0]])
+    logps = (old + shift).requires_grad_()
+    adv = torch.tensor([2.0, -1.0])[:, None].expand(2, 4)
+    eps_low, eps_high = 3e-4, 4e-4
+    out = ppo_policy_loss(logps, old, adv, mask, clip_low=eps_low, clip_high=eps_high,
+                          aggregation="seq-mean-token-mean", sequence_ratio=True)
+    s = [math.exp((0.3 - 0.1 + 0.1) / 3), math.exp((0.0002 + 0.0001) / 2)]  # geometric means of the ratios
+    per_sequence = [max(-a * r, -a * min(max(r, 1 - eps_low), 1 + eps_high))
+                    for r, a in zip(s, (2.0, -1.0), strict=True)]
+    assert out.loss.item() == pytest.approx(sum(per_sequence) / 2, rel=1e-6)
+    out.loss.backward()
+    # row 0: s = 1.105 > 1 + eps_high with A > 0: clipped, no gradient; row 1: s = 1.00015 inside the bounds
+    expected = torch.zeros(2, 4)
+    advantage = -1.0
+    expected[1, :2] = -advantage * s[1] / 2 / 2  # -(A * s / |y|) / (number of sequences)
+    assert torch.allclose(logps.grad, expected, atol=1e-7)
+    assert out.clip_fraction.item() == pytest.approx(3 / 5)  # row 0's three tokens
+
+
+def test_gspo_equals_ppo_when_every_token_has_the_same_ratio():
+    old = torch.zeros(2, 3)
+    logps = torch.tensor([[0.1, 0.1, 0.1], [-0.2, -0.2, 0.0]])
+    mask = torch.tensor([[1, 1, 1], [1, 1, 0]])
+    adv = torch.tensor([[1.0, 1.0, 1.0], [-0.5, -0.5, -0.5]])
+    token = ppo_policy_loss(logps, old, adv, mask, clip_low=0.05, clip_high=0.2)
+    sequence = ppo_policy_loss(logps, old, adv, mask, clip_low=0.05, clip_high=0.2, sequence_ratio=True)
+    assert sequence.loss.item() == pytest.approx(token.loss.item(), rel=1e-6)
+    assert sequence.clip_fraction.item() == pytest.approx(token.clip_fraction.item())

@@ -161,12 +161,19 @@ class PolicyLossOutput:
 
 def ppo_policy_loss(logps: torch.Tensor, old_logps: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor,
                     clip_low: float = 0.2, clip_high: float = 0.2, dual_clip: float | None = None,
-                    aggregation: str = "token-mean", norm_length: float | None = None) -> PolicyLossOutput:
+                    aggregation: str = "token-mean", norm_length: float | None = None,
+                    sequence_ratio: bool = False) -> PolicyLossOutput:
     """PPO-clip (Schulman+ 2017) with asymmetric bounds (DAPO's clip-higher) and dual clip.
 
     ratio = exp(logps - old_logps); l_t = max(-A ratio, -A clip(ratio, 1-clip_low, 1+clip_high));
     dual clip (Ye+ 2020, c = dual_clip > 1): for A < 0, l_t = min(l_t, -c A).
     Aggregated over the mask by `aggregation` (vlrlhf.losses.aggregation).
+
+    sequence_ratio (GSPO, Zheng+ 2025): one ratio per sequence, the geometric mean of its
+    tokens' ratios, s_i = exp(mean_t (logps - old_logps)), clipped as a whole (the paper's
+    bounds are 3e-4 / 4e-4). Every token carries s_i, built as GSPO-token's
+    sg[s_i] * pi(y_t) / sg[pi(y_t)]: with the sequence's advantage on its tokens and a mean
+    over them, the gradient is the paper's A_i * grad s_i.
     """
     check_same_shape(logps=logps, old_logps=old_logps, advantages=advantages, mask=mask)
     if clip_low < 0 or clip_high < 0:
@@ -174,7 +181,12 @@ def ppo_policy_loss(logps: torch.Tensor, old_logps: torch.Tensor, advantages: to
     if dual_clip is not None and dual_clip <= 1:
         raise ValueError(f"dual_clip={dual_clip} must be > 1")
     log_ratio = (upcast(logps) - upcast(old_logps)).clamp(-MAX_LOG_RATIO, MAX_LOG_RATIO)
-    ratio = torch.exp(log_ratio)
+    if sequence_ratio:
+        maskf = mask.float()
+        sequence = (log_ratio * maskf).sum(dim=1) / maskf.sum(dim=1).clamp(min=1)
+        ratio = torch.exp(sequence.detach()[:, None] + upcast(logps) - upcast(logps).detach())
+    else:
+        ratio = torch.exp(log_ratio)
     advantages = upcast(advantages)
     unclipped = -advantages * ratio
     clipped = -advantages * ratio.clamp(1 - clip_low, 1 + clip_high)
