@@ -38,13 +38,14 @@ def cmd_data_synth(args) -> int:
     if args.kind == "geometry":
         from vlrlhf.data.geometry import synthesize_geometry
 
-        for path in synthesize_geometry(args.out_dir, num_train=args.num_train, num_test=args.num_test,
+        for path in synthesize_geometry(args.out_dir, num_train=args.num_train or 200, num_test=args.num_test or 50,
                                         seed=args.seed).values():
             print(f"wrote {path}")
         print(f"image_root: {args.out_dir} (format: geometry3k; geometry_sft.json: llava)")
         return 0
     kinds = KINDS if args.kind == "all" else ("sft",) if args.kind == "bench" else (args.kind,)
-    written = synthesize(args.out_dir, kinds, num_train=args.num_train, num_test=args.num_test, seed=args.seed)
+    written = synthesize(args.out_dir, kinds, num_train=args.num_train or 400, num_test=args.num_test or 100,
+                         seed=args.seed)
     for path in written.values():
         print(f"wrote {path}")
     if args.kind in ("all", "bench"):
@@ -239,8 +240,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="bench: the test questions as a multiple-choice benchmark TSV (Shapes_MC.tsv); "
                             "geometry: maths problems on drawn figures (format geometry3k, and an SFT cold start)")
     synth.add_argument("out_dir")
-    synth.add_argument("--num-train", type=int, default=400)
-    synth.add_argument("--num-test", type=int, default=100)
+    synth.add_argument("--num-train", type=int, help="default 400 (shapes), 200 (geometry)")
+    synth.add_argument("--num-test", type=int, help="default 100 (shapes), 50 (geometry)")
     synth.add_argument("--seed", type=int, default=0)
     synth.set_defaults(func=cmd_data_synth)
     check = data_commands.add_parser("check", help="read a data set through the pipeline and print counts",

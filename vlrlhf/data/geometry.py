@@ -12,7 +12,7 @@ names the same quantities, and the answer follows from them by a formula:
 Files (format `geometry3k`):
   geometry.jsonl, test_geometry.jsonl   {"images": [path], "problem": "<image>...", "answer": latex}
   geometry_sft.json                     LLaVA conversations with a worked answer,
-                                        "<think>...</think> \\boxed{answer}" (format: llava):
+                                        "<think>6^2+8^2=10^2</think>\\boxed{10}" (format: llava):
                                         a cold start before GRPO with the `math` reward
 
 Deterministic for a seed.
@@ -51,28 +51,28 @@ def problem(kind: str, rng: random.Random) -> dict:
     if kind == "hypotenuse":
         a, b, c = rng.choice(TRIPLES)
         return {"problem": f"In the right triangle, the legs are {a} and {b}. Find the hypotenuse.",
-                "answer": str(c), "reasoning": f"{a}^2 + {b}^2 = {a * a + b * b} = {c}^2",
+                "answer": str(c), "reasoning": f"{a}^2+{b}^2={c}^2",
                 "figure": ("right", [str(a), str(b), "?"])}
     if kind == "isosceles":
         a = rng.randint(2, 9)
         return {"problem": f"In the right triangle, both legs are {a}. Find the hypotenuse.",
-                "answer": square_root_form(2 * a * a), "reasoning": f"\\sqrt{{{a}^2 + {a}^2}} = \\sqrt{{{2 * a * a}}}",
+                "answer": square_root_form(2 * a * a), "reasoning": f"{a}^2+{a}^2={2 * a * a}",
                 "figure": ("right", [str(a), str(a), "?"])}
     if kind == "angle":
         a, b = rng.randint(3, 9) * 10, rng.randint(2, 8) * 5
         return {"problem": f"Two angles of the triangle are {a} and {b} degrees. Find the third angle in degrees.",
-                "answer": f"{180 - a - b}", "reasoning": f"180 - {a} - {b} = {180 - a - b}",
+                "answer": f"{180 - a - b}", "reasoning": f"180-{a}-{b}",
                 "figure": ("any", [f"{a}°", f"{b}°", "?"])}
     if kind == "equilateral":
         s = 2 * rng.randint(1, 5)
         area = f"{s * s // 4}\\sqrt{{3}}" if s * s // 4 > 1 else "\\sqrt{3}"
         return {"problem": f"The equilateral triangle has side {s}. Find its area.", "answer": area,
-                "reasoning": f"\\frac{{\\sqrt{{3}}}}{{4}} \\cdot {s}^2 = {area}",
+                "reasoning": f"{s}^2/4",
                 "figure": ("equilateral", [str(s), str(s), str(s)])}
     if kind == "rectangle":
         w, h = rng.randint(2, 12), rng.randint(2, 12)
         return {"problem": f"The rectangle is {w} by {h}. Find its area.", "answer": str(w * h),
-                "reasoning": f"{w} \\cdot {h} = {w * h}", "figure": ("rectangle", [str(w), str(h)])}
+                "reasoning": f"{w}*{h}", "figure": ("rectangle", [str(w), str(h)])}
     raise ValueError(f"kind={kind!r} is not one of {', '.join(KINDS)}")
 
 
@@ -139,7 +139,7 @@ def synthesize_geometry(out_dir: str | pathlib.Path, *, num_train: int = 200, nu
         if split == "train":
             sft = [{"id": f"geometry-{i['index']}", "image": i["image"], "conversations": [
                 {"from": "human", "value": f"<image>\n{i['problem']} {INSTRUCTION}"},
-                {"from": "gpt", "value": f"<think>{i['reasoning']}</think> \\boxed{{{i['answer']}}}"}]} for i in items]
+                {"from": "gpt", "value": f"<think>{i['reasoning']}</think>\\boxed{{{i['answer']}}}"}]} for i in items]
             write_rows(sft, out / "geometry_sft.json")
             written["geometry_sft.json"] = out / "geometry_sft.json"
     return written
