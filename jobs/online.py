@@ -384,6 +384,8 @@ class OnlineJob:
             result = self.rewards.score([s.text for s in samples], [records[s.request] for s in samples])
             total += torch.tensor(result.total, dtype=torch.float32)
             metrics.update({f"train/reward_failures/{k}": float(v) for k, v in result.failures.items()})
+            # each term's mean before its weight: e.g. the share of right answers beside the format's
+            metrics.update({f"train/rewards/{k}": sum(v) / max(len(v), 1) for k, v in result.terms.items()})
         if model_scores is not None:
             scored = torch.tensor(self.gather(self.reward_model, model_scores), dtype=torch.float32)
             metrics["train/reward_model"] = float(scored.mean())

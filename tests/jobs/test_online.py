@@ -71,6 +71,9 @@ def test_online_smoke_run(ray_cluster, tmp_path, algorithm):
     steps = [row for row in rows if "train/reward" in row]
     assert [row["step"] for row in steps] == [1, 2]
     assert all(math.isfinite(row["train/reward"]) and row["time/rollout_s"] > 0 for row in steps)
+    # each term's mean is logged; both weights are 1 in demo_grpo.yaml: they add up to the reward
+    assert all(row["train/reward"] == pytest.approx(row["train/rewards/exact_match"]
+                                                    + row["train/rewards/length_penalty"], abs=1e-6) for row in steps)
     assert any("train/loss" in row and row["train/synced_tensors"] > 0 for row in steps)  # trained and synced
     # every update scored its rows with the group forward: a prompt's 8 completions in one packed row
     assert all(row["train/packed_share"] == 1.0 for row in steps if "train/loss" in row)
