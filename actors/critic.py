@@ -24,7 +24,6 @@ from actors.group import WorkerBase
 from actors.common import device, load_options, load_state_file, optimizer_step, rng_state, schedule, set_rng_state
 from vlrlhf.config import ModelSpec, TrainerSpec
 from vlrlhf.models.batch import ModelBatch
-from vlrlhf.models.registry import load_adapter
 from vlrlhf.models.value_head import load_head, save_head, token_values
 from vlrlhf.training import ValueBatch, value_micro_step
 
@@ -36,8 +35,12 @@ class CriticWorker(WorkerBase):
         torch.manual_seed(trainer.seed + 1)
         path = critic.path or model.path
         self.critic, self.trainer, self.device = critic, trainer, device()
-        self.adapter = load_adapter(path, adapter=model.adapter, options=load_options(model))
-        network = self.adapter.load_model(load_options(model))
+        from actors.generator import load_for_inference
+
+        # a full checkpoint, or a reward model trained with LoRA (its adapters merged into the base)
+        self.adapter, network = load_for_inference(path, model.adapter, load_options(model))
+        for parameter in network.parameters():  # merged weights come back frozen
+            parameter.requires_grad_(True)
         if model.freeze_vision:
             self.adapter.freeze_vision(network)
         if critic.lora is not None:

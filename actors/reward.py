@@ -21,7 +21,6 @@ import torch
 from actors.group import WorkerBase
 from actors.common import device
 from vlrlhf.models.base import LoadOptions
-from vlrlhf.models.registry import load_adapter
 from vlrlhf.models.value_head import has_head, last_token_scores, load_head
 
 
@@ -30,10 +29,11 @@ class RewardModelWorker(WorkerBase):
         if not has_head(path):
             raise FileNotFoundError(f"reward model {path}: no value_head.safetensors; train one with "
                                     "algorithm.name=reward")
-        self.device = device()
-        options = LoadOptions(dtype=dtype)
-        self.adapter = load_adapter(path, options=options)
-        self.model = self.adapter.load_model(options).to(self.device).eval()
+        from actors.generator import load_for_inference
+
+        self.device = device()  # a full checkpoint, or LoRA adapters (algorithm.name=reward with model.lora) merged
+        self.adapter, self.model = load_for_inference(path, options=LoadOptions(dtype=dtype))
+        self.model = self.model.to(self.device)
         self.head = load_head(path).to(self.device).eval()
         self.micro_batch_size = micro_batch_size
         self.path = path

@@ -5,7 +5,8 @@ bundles), the GPUs and CPUs held at the peak, whether the bundles fit the cluste
 nodes (placed as Ray would: PACK, SPREAD, STRICT_*), the CPUs left for the data
 pipeline (jobs.common.pipeline_budget) and, when the model and data are on this
 machine, token lengths after image expansion of the first records against
-data.max_length. A spec that cannot fit is refused (exit code 2).
+data.max_length, and the GiB per GPU of every role that holds GPUs (jobs.plan_memory; a
+config.json at model.path is enough). A spec that cannot fit is refused (exit code 2).
 
 Clusters: `2x8gpu:64cpu` (nodes x GPUs:CPUs each; `+` joins node kinds), a KubeRay
 RayCluster/RayJob manifest (worker groups at maxReplicas, the head's rayStartParams),
@@ -25,6 +26,7 @@ import yaml
 
 from actors.group import group_bundle
 from jobs.common import PipelineBudgetError, colocation_reserve, pipeline_budget
+from jobs.plan_memory import memory_report
 from vlrlhf.config import ONLINE_ALGORITHMS, JobSpec
 
 NO_REFERENCE = ("sft", "reward")
@@ -47,6 +49,7 @@ class Plan:
     pipeline_cpus: float = 0.0  # free CPUs once the groups are placed
     problems: list[str] = dataclasses.field(default_factory=list)
     tokens: dict | None = None
+    memory: list[str] = dataclasses.field(default_factory=list)  # jobs.plan_memory's lines
 
     @property
     def fits(self) -> bool:
@@ -261,6 +264,7 @@ def report(spec: JobSpec, plan: Plan) -> str:
         lines.append(f"tokens after image expansion, first {tokens['records']} records: median {tokens['median']}, "
                      f"max {tokens['max']}; {tokens['too_long']} over the limit of {tokens['limit']} (skipped or "
                      f"an error, as data.on_bad_record says), {tokens['failed']} not encodable")
+    lines += plan.memory
     lines += [f"DOES NOT FIT: {problem}" for problem in plan.problems] or ["fits"]
     return "\n".join(lines)
 
@@ -271,5 +275,7 @@ def run_plan(spec_path: str, overrides: list[str], cluster: str | None, records:
     spec = load_spec(spec_path, overrides)
     plan = plan_spec(spec, parse_cluster(cluster))
     plan.tokens = token_lengths(spec, records) if records else None
+    plan.memory, problems = memory_report(spec, plan.tokens)
+    plan.problems += problems
     print(report(spec, plan))
     return 0 if plan.fits else 2

@@ -105,6 +105,12 @@ def run_job(spec_path: str, overrides: list[str], run_dir: str | None = None) ->
     try:
         spec = load_spec(spec_path, overrides)
         check_inputs(spec)
+        from jobs.plan_memory import memory_report
+
+        problems = memory_report(spec)[1]  # GPU roles only: weights, optimizer and activations per GPU
+        if problems:
+            raise SpecError("the roles do not fit their GPUs (vlrlhf plan prints the plan):\n  "
+                            + "\n  ".join(problems))
     except SpecError as error:
         print(f"vlrlhf: error: {error}", file=sys.stderr)
         return 2

@@ -224,6 +224,8 @@ class ResourcesSpec(Section):
     rollout: GroupSpec = GroupSpec(num_workers=0)
     reward: GroupSpec = GroupSpec(num_workers=0)  # the reward model (online.reward_model)
     critic: GroupSpec = GroupSpec(num_workers=0)  # ppo
+    # memory per GPU the plan checks the roles against (vlrlhf plan; jobs.plan_memory); None: 80
+    gpu_memory_gb: float | None = Field(None, gt=0)
 
 
 class ReferenceSpec(Section):

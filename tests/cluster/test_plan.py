@@ -9,6 +9,7 @@ import re
 import pytest
 
 from jobs.cli import main
+from tests.model_configs import config_folder
 from jobs.plan import parse_cluster, plan_spec, token_lengths
 from vlrlhf.config import load_spec
 
@@ -29,6 +30,43 @@ def test_every_template_fits_the_cluster_its_header_declares(path):
     spec = load_spec(path)
     plan = plan_spec(spec, parse_cluster(declared_cluster(path)))
     assert plan.fits, plan.problems
+
+
+@pytest.mark.parametrize("path", [p for p in TEMPLATES if "7b" in p.name], ids=lambda p: p.name)
+def test_every_gpu_template_fits_its_gpus_memory(path, tmp_path, capsys):
+    """With its model's config.json (the only file the memory plan reads), each 7B template's
+    roles fit 80 GB GPUs: weights, gradients and optimizer state by strategy and LoRA, activations
+    at its micro-batch and max_length, vLLM's share, colocated roles added up."""
+    spec = load_spec(path)
+    folder = config_folder(tmp_path, pathlib.Path(spec.model.path).name)
+    assert main(["plan", str(path), f"model.path={folder}", "--cluster", declared_cluster(path),
+                 "--records", "0"]) == 0, capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "memory per GPU" in out and re.search(r"  policy +\d+\.\d", out), out
+
+
+def test_a_template_that_does_not_fit_its_gpus_is_refused_with_the_fixes(tmp_path, capsys):
+    """The reward-model template without its LoRA: full fine-tuning of 7B on ddp keeps fp32
+    weights, gradients and AdamW moments, ~102 GiB a GPU."""
+    path = ROOT / "configs" / "llava15_7b_rm.yaml"
+    folder = config_folder(tmp_path, "llava-1.5-7b-hf")
+    def args(*overrides):
+        return ["plan", str(path), f"model.path={folder}", *overrides, "--cluster", "1x8gpu:64cpu", "--records", "0"]
+
+    assert main(args("model.lora=null")) == 2
+    out = capsys.readouterr().out
+    assert "DOES NOT FIT: resources.policy: 106.9 GiB per GPU exceeds 80 GiB; fixes: model.lora" in out
+    assert main(args("model.lora=null", "resources.gpu_memory_gb=141")) == 0  # an H200 holds it
+    assert main(args("trainer.micro_batch_size=64")) == 2  # the activations of 64 rows of 2048 tokens
+    assert "activations" in capsys.readouterr().out
+    # `vlrlhf run` refuses it too, before Ray starts
+    from jobs.run import run_job
+
+    (folder / "model.safetensors").write_bytes(b"")  # the input check wants weights to exist
+    shapes = ROOT / "data" / "shapes"
+    assert run_job(str(path), [f"model.path={folder}", "model.lora=null", f"data.train={shapes / 'preference.json'}",
+                               "data.format=plain_dpo", f"data.image_root={shapes}"]) == 2
+    assert "the roles do not fit their GPUs" in capsys.readouterr().err
 
 
 def test_a_spec_that_cannot_fit_is_refused(capsys):

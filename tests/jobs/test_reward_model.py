@@ -6,6 +6,7 @@ import json
 import math
 import pathlib
 
+import pytest
 import torch
 
 from actors.policy import PolicyWorker
@@ -35,18 +36,24 @@ def test_training_separates_chosen_from_rejected(pairs):  # noqa: F811
     assert not torch.equal(worker.head.linear.weight, head_before)  # the head is trained with the backbone
 
 
-def test_reward_run_writes_a_reward_model_the_online_role_loads(ray_cluster, tmp_path):
+@pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])
+def test_reward_run_writes_a_reward_model_the_online_role_loads(ray_cluster, tmp_path, lora):
+    """A full backbone (a plain HF folder) or, with model.lora (what fits a 7B reward model on
+    one GPU), LoRA adapters the online role merges on load; the head beside either."""
     run_dir = tmp_path / "run"
     overrides = ["trainer.max_steps=2", "resources.policy.num_workers=0", f"checkpoint.dir={tmp_path / 'ck'}"]
+    overrides += ["model.lora={r: 4, alpha: 8}"] if lora else []
     assert run_job(str(ROOT / "configs" / "demo_reward.yaml"), overrides, run_dir=str(run_dir)) == 0
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows if "train/loss" in r] == [1, 2]
     assert any("eval/reward_accuracy" in r for r in rows)
     checkpoint = tmp_path / "ck" / "step-000002"
-    assert (checkpoint / HEAD_FILE).is_file() and (checkpoint / "model.safetensors").is_file()
-    from transformers import AutoModelForImageTextToText
+    weights = "adapter_model.safetensors" if lora else "model.safetensors"
+    assert (checkpoint / HEAD_FILE).is_file() and (checkpoint / weights).is_file()
+    if not lora:
+        from transformers import AutoModelForImageTextToText
 
-    AutoModelForImageTextToText.from_pretrained(checkpoint)  # the backbone is a plain HF folder
+        AutoModelForImageTextToText.from_pretrained(checkpoint)  # the backbone is a plain HF folder
     from tests.actors.rollout_check import request
 
     scores = RewardModelWorker(str(checkpoint)).score([dict(request("red"), completion="red")])
