@@ -27,9 +27,16 @@ def device() -> torch.device:
     return torch.device("cuda")
 
 
+def training_attention(model: ModelSpec) -> str:
+    """The attention the training roles load: the packed forward's shared-prefix mask needs
+    SDPA (or eager); flash attention cannot take it, so it gives way unless model.packing is off."""
+    return "sdpa" if model.attention == "flash_attention_2" and model.packing else model.attention
+
+
 def load_options(model: ModelSpec) -> LoadOptions:
-    return LoadOptions(dtype=model.dtype, attn_implementation=model.attention,
-                       trust_remote_code=model.trust_remote_code, processor=tuple(sorted(model.processor.items())))
+    return LoadOptions(dtype=model.dtype, attn_implementation=training_attention(model),
+                       trust_remote_code=model.trust_remote_code, processor=tuple(sorted(model.processor.items())),
+                       packing=model.packing)
 
 
 def mixed_precision(model: ModelSpec, trainer: TrainerSpec) -> torch.dtype | None:

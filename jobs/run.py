@@ -114,6 +114,10 @@ def run_job(spec_path: str, overrides: list[str], run_dir: str | None = None) ->
     except SpecError as error:
         print(f"vlrlhf: error: {error}", file=sys.stderr)
         return 2
+    if spec.model.attention == "flash_attention_2" and spec.model.packing:
+        print("model.attention=flash_attention_2: the packed pair and group forwards need a shared-prefix mask, "
+              "which flash attention cannot take; the training roles run SDPA with the mask (model.packing=false "
+              "keeps flash attention and runs separate forwards)", file=sys.stderr)
     folder = pathlib.Path(run_dir or pathlib.Path("runs") / spec.name).resolve()
     start_ray()
     from jobs.common import PipelineBudgetError

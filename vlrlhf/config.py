@@ -33,6 +33,10 @@ class ModelSpec(Section):
     adapter: str | None = None  # 'package.module:Class' for a family vlrlhf does not ship
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     attention: Literal["sdpa", "eager", "flash_attention_2"] = "sdpa"
+    # a pair's (or a group's) image and prompt once, answers attending to them through a
+    # shared-prefix mask: flash attention cannot take the mask, so with packing the training
+    # roles run `flash_attention_2` as SDPA (said at start); false: separate forwards, attention as given
+    packing: bool = True
     trust_remote_code: bool = False
     freeze_vision: bool = True
     gradient_checkpointing: bool = False

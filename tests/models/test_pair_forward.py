@@ -4,6 +4,8 @@ vision tower run once per pair batch instead of twice."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -165,3 +167,20 @@ def test_mdpo_corrupted_rows_and_the_reference_use_the_pair_forward(tiny_path):
         for value, batch in ((got.chosen, pairs.chosen), (got.rejected, pairs.rejected),
                              (got.corrupted, pairs.corrupted)):
             torch.testing.assert_close(value, sequence_logps(adapter, model, batch)[0], **TOLERANCE)
+
+
+def test_flash_attention_gives_way_to_the_packed_forwards_sdpa(tiny_path):
+    """Flash attention cannot take the shared-prefix mask: with model.packing (default) the
+    training roles load SDPA; model.packing=false keeps the attention asked for and makes the
+    adapter run separate rows."""
+    from actors.common import load_options
+    from vlrlhf.config import ModelSpec
+
+    path = str(tiny_path("llava"))
+    packed = ModelSpec(path=path, attention="flash_attention_2")
+    assert load_options(packed).attn_implementation == "sdpa"
+    separate = ModelSpec(path=path, attention="flash_attention_2", packing=False)
+    assert load_options(separate).attn_implementation == "flash_attention_2"
+    assert load_adapter(path, options=load_options(packed)).pair_forward == "packed"
+    unpacked = load_adapter(path, options=dataclasses.replace(load_options(separate), attn_implementation="sdpa"))
+    assert unpacked.pair_forward == "separate" and type(unpacked).pair_forward == "packed"

@@ -46,6 +46,7 @@ class LoadOptions:
     # keyword arguments for the processor's from_pretrained: image resolution per family,
     # e.g. Qwen2/2.5-VL {"min_pixels": .., "max_pixels": ..} (images are resized into that range)
     processor: tuple[tuple[str, object], ...] = ()
+    packing: bool = True  # False: pairs and groups run as separate rows even where the family packs
 
 
 def split_placeholders(text: str) -> list[dict[str, str]]:
@@ -121,7 +122,10 @@ class Adapter:
 
         options = options or LoadOptions()
         config = AutoConfig.from_pretrained(path, trust_remote_code=options.trust_remote_code)
-        return cls(cls.load_processor(path, options), config=config, path=str(path))
+        adapter = cls(cls.load_processor(path, options), config=config, path=str(path))
+        if not options.packing:
+            adapter.pair_forward = "separate"
+        return adapter
 
     @classmethod
     def load_processor(cls, path, options: LoadOptions):
