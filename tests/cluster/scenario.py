@@ -95,8 +95,8 @@ def reference_worker_pid(wait_s: float = 30) -> int:
     while time.monotonic() < deadline:
         actors = list(ray._private.state.actors().values())
         names = {(a["ActorClassName"], a["State"]) for a in actors}
-        alive = [a for a in actors if a["State"] == "ALIVE" and ("ReferenceStage" in a["ActorClassName"]
-                                                                  or "MapWorker" in a["ActorClassName"])]
+        # Ray Data names its pool actors MapWorker(MapBatches(<stage>)): only the reference stage's
+        alive = [a for a in actors if a["State"] == "ALIVE" and "ReferenceStage" in a["ActorClassName"]]
         if alive:
             return alive[0]["Pid"]
         time.sleep(0.2)
