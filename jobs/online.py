@@ -32,7 +32,8 @@ Each stage is timed (time/*). With `online.async_rollout` the rollout of step t+
 while step t trains (one step off-policy): its behaviour log-probs come from the
 weights before step t's update, and the PPO ratio pi/pi_behaviour (clipped) is the
 importance correction. Groups whose rewards are all equal carry no gradient with group
-baselines and are skipped when `online.skip_equal_groups` (grpo, rloo); completions cut
+baselines and are skipped when `online.skip_equal_groups` (grpo, rloo), or replaced by
+groups of further prompts with `online.dynamic_sampling` (DAPO; jobs.sampling); completions cut
 at max_tokens are left out of the loss when `online.truncated: mask` (they still count
 in the rewards and the baselines).
 """
@@ -58,6 +59,7 @@ from actors.storage import is_uri, open_uri, write_folder
 from actors.weight_sync import sync_weights
 from jobs.checkpoints import open_checkpoints, resume_from
 from jobs.recovery import report_restart
+from jobs.sampling import informative, merged, merged_metrics, selected
 from jobs.common import (ORDER, Tracker, check_order, colocation_reserve, pipeline_budget, plot_curves, prepare_data,
                          surfacing_bad_records)
 from vlrlhf.config import JobSpec
@@ -311,16 +313,17 @@ class OnlineJob:
 
     # ------------------------------------------------------------------ one step
     def train_step(self, result: RolloutResult, timings: dict, progress) -> dict:
-        samples, prompts = result.samples, result.prompts
-        rows = [Row(None, s.request, s.logprobs, truncated=s.finish_reason == "length", token_ids=s.token_ids,
-                    text=s.text) for s in samples]
+        rows = rows_of(result.samples)
         mark = time.perf_counter()
-        scores, values = self.score(prompts, result.records, samples, rows)
+        scores, values = self.score(result.prompts, result.records, result.samples, rows)
         timings["score_s"] = time.perf_counter() - mark
-        groups = scores.view(-1, self.online.n)
-        keep = torch.ones(len(groups), dtype=torch.bool)
-        if self.online.skip_equal_groups and self.name in GROUP_BASELINES:
-            keep = ~(groups == groups[:, :1]).all(dim=1)
+        keep = torch.ones(len(scores) // self.online.n, dtype=torch.bool)
+        if self.online.dynamic_sampling is not None:
+            result, rows, scores, values = self.sample_more(result, rows, scores, values, timings)
+            keep = selected(scores, self.online.n, self.online.prompts_per_step)
+        elif self.online.skip_equal_groups and self.name in GROUP_BASELINES:
+            keep = informative(scores, self.online.n)
+        samples, prompts = result.samples, result.prompts
         advantages, returns = advantages_for(self.name, self.online, scores, rows)
         for index, row in enumerate(rows):
             row.advantages = advantages[index]
@@ -367,6 +370,27 @@ class OnlineJob:
             if key in values:
                 gauge.set(values[key])
         return values
+
+    def sample_more(self, result: RolloutResult, rows: list[Row], scores: torch.Tensor, values: dict,
+                    timings: dict) -> tuple[RolloutResult, list[Row], torch.Tensor, dict]:
+        """Dynamic sampling (jobs.sampling): roll out further prompts until the step holds
+        prompts_per_step informative groups or online.dynamic_sampling.max_rounds rollouts."""
+        n, wanted, rounds = self.online.n, self.online.prompts_per_step, 1
+        while int(informative(scores, n).sum()) < wanted and rounds < self.online.dynamic_sampling.max_rounds:
+            mark = time.perf_counter()
+            more = self.collect(self.submit(self.next_prompts()))
+            timings["rollout_s"] += time.perf_counter() - mark
+            more_rows = rows_of(more.samples)
+            mark = time.perf_counter()
+            more_scores, more_values = self.score(more.prompts, more.records, more.samples, more_rows)
+            timings["score_s"] += time.perf_counter() - mark
+            values = merged_metrics(values, len(rows), more_values, len(more_rows))
+            result, rows = merged(result, rows, more, more_rows)
+            scores = torch.cat([scores, more_scores])
+            rounds += 1
+        values["train/sampling_rounds"] = float(rounds)
+        values["train/informative_groups"] = float(informative(scores, n).sum())
+        return result, rows, scores, values
 
     def score(self, prompts: list, records: list, samples: list[Sample], rows: list[Row]) -> tuple[torch.Tensor, dict]:
         """Sequence scores (N,) (rule rewards + reward model); fills the rows' reference
@@ -457,6 +481,12 @@ class OnlineJob:
         for group in {id(g): g for g in groups if g is not None}.values():
             group.shutdown()
         self.data.close()
+
+
+def rows_of(samples: list[Sample]) -> list[Row]:
+    """The driver's rows of sampled completions (no tensors: workers build the examples)."""
+    return [Row(None, s.request, s.logprobs, truncated=s.finish_reason == "length", token_ids=s.token_ids,
+                text=s.text) for s in samples]
 
 
 def run_online(spec: JobSpec, run_dir: pathlib.Path) -> dict:

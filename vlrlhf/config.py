@@ -159,6 +159,13 @@ class RewardModelSpec(Section):
     weight: float = 1.0
 
 
+class DynamicSamplingSpec(Section):
+    """DAPO's dynamic sampling (grpo, rloo): sample more prompts until the step holds
+    prompts_per_step groups whose rewards are not all equal, or max_rounds rollouts were made."""
+
+    max_rounds: int = Field(3, ge=1)  # rollouts per step at most, the first included
+
+
 class CriticSpec(Section):
     """PPO's value model: a VLM with a scalar head and its own optimizer."""
 
@@ -196,6 +203,7 @@ class OnlineSpec(Section):
     reinforce_baseline: bool = False  # reinforce_pp: subtract the group mean (REINFORCE++-baseline)
     advantage_scale: Literal["group", "batch", "none"] = "group"  # GRPO std; none: Dr. GRPO
     skip_equal_groups: bool = True  # groups whose rewards are all equal carry no signal
+    dynamic_sampling: DynamicSamplingSpec | None = None  # DAPO: refill the step with informative groups
     epochs: int = Field(1, gt=0)  # passes over each rollout batch
     mini_batches: int = Field(1, gt=0)  # optimizer steps per pass
     gamma: float = Field(1.0, ge=0, le=1)  # ppo: GAE discount
@@ -347,6 +355,13 @@ class JobSpec(Section):
                                  f"resources.policy.num_workers (>= 1), got {group.num_workers}")
         if self.resources.policy.colocate:
             raise ValueError("resources.policy.colocate: the policy owns the bundles others colocate on")
+        if self.online is not None and self.online.dynamic_sampling is not None:
+            if self.algorithm.name not in ("grpo", "rloo"):
+                raise ValueError("online.dynamic_sampling refills a step with groups whose rewards differ, which "
+                                 "only the group baselines use (algorithm.name=grpo or rloo)")
+            if self.online.async_rollout:
+                raise ValueError("online.dynamic_sampling samples more prompts after a step's rewards are in, while "
+                                 "online.async_rollout has already sent the next step's prompts: use one of them")
         rollout = self.resources.rollout
         if (self.online is not None and self.online.weight_sync == "collective" and rollout.colocate
                 and max(rollout.gpus, self.resources.policy.gpus) > 0):
