@@ -403,6 +403,7 @@ class OnlineJob:
             reference = self.spread(self.reference, "score_rows", prompts, rows)
         if self.critic is not None:
             critic = self.spread(self.critic, "score_rows", prompts, rows)
+        judged = start_judging(self.online.judge, prompts, rows, self.data.settings) if self.online.judge else None
         metrics, total = {}, torch.zeros(len(samples))
         if self.rewards is not None:
             result = self.rewards.score([s.text for s in samples], [records[s.request] for s in samples])
@@ -414,6 +415,11 @@ class OnlineJob:
             scored = torch.tensor(self.gather(self.reward_model, model_scores), dtype=torch.float32)
             metrics["train/reward_model"] = float(scored.mean())
             total += self.online.reward_model.weight * scored
+        if judged is not None:
+            scores, failed = finish_judging(self.online.judge, judged)
+            metrics["train/judge"] = float(scores.mean())
+            metrics["train/judge_failures"] = float(failed)
+            total += self.online.judge.weight * scores
         if reference is not None:
             for row, logps in zip(rows, self.gather(self.reference, reference), strict=True):
                 row.ref_logprobs = logps
@@ -481,6 +487,28 @@ class OnlineJob:
         for group in {id(g): g for g in groups if g is not None}.values():
             group.shutdown()
         self.data.close()
+
+
+def start_judging(judge, prompts: list, rows: list[Row], settings) -> list:
+    """Ray tasks that send the rows to the judge (vlrlhf.rewards.judge), rows_per_task each;
+    they fetch the prompts and their images themselves. 0 CPUs: they wait on the network."""
+    import ray
+
+    from vlrlhf.rewards.judge import judge_rows
+
+    task = ray.remote(num_cpus=0, max_retries=0)(judge_rows)
+    size, options = judge.rows_per_task, judge.model_dump()
+    return [task.remote(RowsShare(prompts, rows[start:start + size], size), settings, options)
+            for start in range(0, len(rows), size)]
+
+
+def finish_judging(judge, calls: list) -> tuple[torch.Tensor, int]:
+    """(N,) scaled scores, `fallback` where a request failed for good, and how many did."""
+    import ray
+
+    scores = [score for part in ray.get(calls) for score in part]
+    failed = sum(score is None for score in scores)
+    return torch.tensor([judge.fallback if s is None else s for s in scores], dtype=torch.float32), failed
 
 
 def rows_of(samples: list[Sample]) -> list[Row]:

@@ -159,6 +159,35 @@ class RewardModelSpec(Section):
     weight: float = 1.0
 
 
+class JudgeRewardSpec(Section):
+    """A VLM judge over an OpenAI-compatible API, shown each prompt's images (vlrlhf.rewards.judge)."""
+
+    base_url: str
+    model: str
+    api_key_env: str | None = None  # the variable's name, never the key
+    weight: float = 1.0
+    rubric: str = Field(default_factory=lambda: __import__("vlrlhf.rewards.judge", fromlist=["RUBRIC"]).RUBRIC)
+    min_score: float = 0.0
+    max_score: float = 10.0
+    fallback: float = Field(0.0, ge=0, le=1)  # the scaled score of a sample whose request failed for good
+    timeout_s: float = Field(60.0, gt=0)
+    retries: int = Field(2, ge=0)
+    backoff_s: float = Field(1.0, ge=0)
+    concurrency: int = Field(8, gt=0)  # requests in flight per task
+    max_tokens: int = Field(256, gt=0)
+    cache: str | None = None  # a JSONL file of replies (per node)
+    rows_per_task: int = Field(64, gt=0)
+
+    @model_validator(mode="after")
+    def _range(self):
+        if self.max_score <= self.min_score:
+            raise ValueError(f"online.judge: max_score={self.max_score} must exceed min_score={self.min_score}")
+        for field in ("question", "completion"):
+            if "{" + field + "}" not in self.rubric:
+                raise ValueError(f"online.judge.rubric must contain {{{field}}}")
+        return self
+
+
 class DynamicSamplingSpec(Section):
     """DAPO's dynamic sampling (grpo, rloo): sample more prompts until the step holds
     prompts_per_step groups whose rewards are not all equal, or max_rounds rollouts were made."""
@@ -192,6 +221,7 @@ class OnlineSpec(Section):
     prompts_per_step: int = Field(8, gt=0)
     rewards: list[RewardTermSpec] = []  # rule functions, weighted; and/or a reward model
     reward_model: RewardModelSpec | None = None
+    judge: JudgeRewardSpec | None = None  # a VLM judge that sees the images, over HTTP
     clip_low: float = Field(0.2, ge=0)
     clip_high: float = Field(0.2, ge=0)  # > clip_low: DAPO's clip-higher
     # sequence: GSPO's one ratio per completion (geometric mean of its tokens'), clipped whole;
@@ -214,8 +244,8 @@ class OnlineSpec(Section):
 
     @model_validator(mode="after")
     def _some_reward(self):
-        if not self.rewards and self.reward_model is None:
-            raise ValueError("online needs rewards (functions) or a reward_model, or both")
+        if not self.rewards and self.reward_model is None and self.judge is None:
+            raise ValueError("online needs rewards (functions), a reward_model or a judge (any of them together)")
         return self
 
 

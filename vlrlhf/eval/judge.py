@@ -53,7 +53,7 @@ class NoJudge:
     available = False
     requests = 0
 
-    def ask_many(self, prompts: list[str], parse: Callable[[str], object]) -> list:
+    def ask_many(self, prompts: list, parse: Callable[[str], object]) -> list:
         return [None] * len(prompts)
 
 
@@ -99,7 +99,8 @@ class HTTPJudge:
     def redact(self, text: str) -> str:
         return text.replace(self.key, "***") if self.key else text
 
-    def _post(self, prompt: str) -> str:
+    def _post(self, prompt: str | list) -> str:
+        """`prompt`: the user turn's text, or its content parts (text and image_url parts: a VLM judge)."""
         body = json.dumps({"model": self.spec.model, "temperature": 0.0, "max_tokens": self.spec.max_tokens,
                            "messages": [{"role": "user", "content": prompt}]}).encode()
         headers = {"Content-Type": "application/json"}
@@ -113,7 +114,7 @@ class HTTPJudge:
             payload = json.loads(response.read().decode())
         return payload["choices"][0]["message"]["content"]
 
-    def ask(self, prompt: str, parse: Callable[[str], object]):
+    def ask(self, prompt: str | list, parse: Callable[[str], object]):
         """The parsed reply; retried on transport errors, 5xx/429 and unparseable replies."""
         key = ReplyCache.key(self.spec.model, prompt)
         cached = self.cache.get(key)
@@ -144,7 +145,7 @@ class HTTPJudge:
         raise JudgeError(self.redact(f"judge {self.spec.model} at {self.spec.base_url}: gave up after "
                                      f"{self.spec.retries + 1} attempt(s), last: {last}"))
 
-    def ask_many(self, prompts: list[str], parse: Callable[[str], object]) -> list:
+    def ask_many(self, prompts: list, parse: Callable[[str], object]) -> list:
         """Parsed replies in order; a prompt that failed for good gives None (and is reported)."""
         def one(prompt):
             try:
