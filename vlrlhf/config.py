@@ -16,6 +16,8 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from vlrlhf.rewards.judge import RUBRIC as JUDGE_RUBRIC
+
 
 class Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
@@ -166,7 +168,7 @@ class JudgeRewardSpec(Section):
     model: str
     api_key_env: str | None = None  # the variable's name, never the key
     weight: float = 1.0
-    rubric: str = Field(default_factory=lambda: __import__("vlrlhf.rewards.judge", fromlist=["RUBRIC"]).RUBRIC)
+    rubric: str = JUDGE_RUBRIC
     min_score: float = 0.0
     max_score: float = 10.0
     fallback: float = Field(0.0, ge=0, le=1)  # the scaled score of a sample whose request failed for good
