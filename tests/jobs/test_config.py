@@ -158,3 +158,18 @@ def test_the_evaluation_section_takes_the_scoring_rules():
     assert load_spec(ROOT / "configs" / "demo_sft.yaml").evaluation.rules == "official"
     with pytest.raises(SpecError, match="evaluation.rules: must be one of"):
         load_spec(ROOT / "configs" / "demo_sft.yaml", ["evaluation.rules=lenient"])
+
+
+def test_a_vllm_engine_gets_as_many_gpus_as_it_shards_over():
+    grpo = ROOT / "configs" / "demo_grpo.yaml"
+    engine = ["online.engine=vllm", "resources.rollout={num_workers: 1, gpus: 1}"]
+    with pytest.raises(ValueError, match="must equal online.tensor_parallel_size=2"):
+        load_spec(grpo, engine + ["online.tensor_parallel_size=2"])
+    assert load_spec(grpo, engine).online.tensor_parallel_size == 1
+    assert load_spec(grpo, ["online.engine=vllm", "online.tensor_parallel_size=2",
+                            "resources.rollout={num_workers: 1, gpus: 2}"]).resources.rollout.gpus == 2
+    # two engines sharing a GPU (gpu_memory_utilization each) are fine; half a GPU cannot hold a TP-2 engine
+    assert load_spec(grpo, ["online.engine=vllm", "resources.rollout={num_workers: 2, gpus: 0.5}"])
+    with pytest.raises(ValueError, match="must equal"):
+        load_spec(grpo, ["online.engine=vllm", "online.tensor_parallel_size=2",
+                         "resources.rollout={num_workers: 1, gpus: 0.5}"])
