@@ -20,15 +20,15 @@ ROOT = pathlib.Path(__file__).resolve().parents[2]
 
 
 def test_vllm_rollouts_match_the_transformers_engine_before_and_after_a_weight_sync(tiny_path):
-    """One subprocess (vLLM stays out of pytest), tiny LLaVA and Qwen2-VL. The vLLM and
+    """One subprocess (vLLM stays out of pytest), tiny LLaVA, Qwen2-VL and LLaVA-OneVision. The vLLM and
     transformers engines share the adapter's prompt tokens (vLLM's own tokenisation is
     checked against it) and must agree token for token."""
     pytest.importorskip("vllm")
-    models = [str(tiny_path("llava")), str(tiny_path("qwen2_vl"))]
+    models = [str(tiny_path("llava")), str(tiny_path("qwen2_vl")), str(tiny_path("llava_onevision"))]
     out = subprocess.run([sys.executable, str(SCRIPT), *models], capture_output=True, text=True, timeout=900,
                          cwd=ROOT)
     results = [json.loads(line[len("RESULT "):]) for line in out.stdout.splitlines() if line.startswith("RESULT ")]
-    assert len(results) == 2, out.stderr[-4000:]
+    assert len(results) == len(models), out.stderr[-4000:]
     for model, result in zip(models, results, strict=True):
         assert result["greedy_equal"] == [True, True], model
         assert result["greedy_max_dlogp"] < 1e-4, model

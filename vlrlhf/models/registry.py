@@ -11,11 +11,13 @@ from vlrlhf.models.idefics3 import Idefics3Adapter
 from vlrlhf.models.instructblip import InstructBlipAdapter
 from vlrlhf.models.llava import LlavaAdapter
 from vlrlhf.models.llava_next import LlavaNextAdapter
+from vlrlhf.models.llava_onevision import LlavaOnevisionAdapter
 from vlrlhf.models.paligemma import PaliGemmaAdapter
 from vlrlhf.models.qwen2_vl import Qwen2VLAdapter
 
 BUILTIN_ADAPTERS: tuple[type[Adapter], ...] = (
-    LlavaAdapter, LlavaNextAdapter, Qwen2VLAdapter, InstructBlipAdapter, Idefics3Adapter, PaliGemmaAdapter)
+    LlavaAdapter, LlavaNextAdapter, Qwen2VLAdapter, InstructBlipAdapter, Idefics3Adapter, PaliGemmaAdapter,
+    LlavaOnevisionAdapter)
 ADAPTERS: dict[str, type[Adapter]] = {t: cls for cls in BUILTIN_ADAPTERS for t in cls.model_types}
 
 

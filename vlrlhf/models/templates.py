@@ -59,3 +59,13 @@ IDEFICS3 = (
     "{{ '<end_of_utterance>\\n' }}{%- endfor -%}"
     "{%- if add_generation_prompt -%}{{ 'Assistant:' }}{%- endif -%}"
 )
+
+# LLaVA-OneVision (Qwen2 ChatML, "<image>" placeholders, no default system turn):
+# "<|im_start|>user\n<image>\nQ<|im_end|>\n<|im_start|>assistant\nA<|im_end|>\n"
+CHATML_ONEVISION = (
+    "{%- for message in messages -%}" + _PARTS +
+    "{{ '<|im_start|>' + message['role'] + '\\n' }}"
+    + _render_parts("<image>\\n") +
+    "{{ '<|im_end|>\\n' }}{%- endfor -%}"
+    "{%- if add_generation_prompt -%}{{ '<|im_start|>assistant\\n' }}{%- endif -%}"
+)

@@ -214,6 +214,31 @@ def build_instructblip():
     return config, processor
 
 
+def build_llava_onevision():
+    """SigLIP + Qwen2, any-resolution tiles of 56 px (16 tokens each) plus the base image."""
+    from transformers import (LlavaOnevisionConfig, LlavaOnevisionImageProcessor, LlavaOnevisionProcessor,
+                              LlavaOnevisionVideoProcessor)
+    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<image>", "<video>"]
+    tokenizer = wrap_tokenizer(specials, bos=None, eos="<|im_end|>", pad="<|endoftext|>",
+                               extra={"image_token": "<image>", "video_token": "<video>"})
+    ids = tokenizer.convert_tokens_to_ids
+    pinpoints = [[IMAGE_SIZE, IMAGE_SIZE], [IMAGE_SIZE, 2 * IMAGE_SIZE], [2 * IMAGE_SIZE, IMAGE_SIZE]]
+    config = LlavaOnevisionConfig(
+        vision_config=dict(VISION, model_type="siglip_vision_model", image_size=IMAGE_SIZE, patch_size=14),
+        text_config=dict(_text_config(tokenizer, bos_token_id=None), model_type="qwen2"),
+        image_token_index=ids("<image>"), video_token_index=ids("<video>"), image_grid_pinpoints=pinpoints,
+        vision_feature_layer=-1, vision_feature_select_strategy="full", vision_aspect_ratio="anyres_max_9",
+        tie_word_embeddings=False)
+    size = {"height": IMAGE_SIZE, "width": IMAGE_SIZE}
+    image_processor = LlavaOnevisionImageProcessor(size=size, image_grid_pinpoints=pinpoints)
+    video_processor = LlavaOnevisionVideoProcessor(size=size)
+    processor = LlavaOnevisionProcessor(image_processor=image_processor, tokenizer=tokenizer,
+                                        video_processor=video_processor, num_image_tokens=(IMAGE_SIZE // 14) ** 2,
+                                        vision_feature_select_strategy="full", vision_aspect_ratio="anyres_max_9",
+                                        chat_template=templates.CHATML_ONEVISION)
+    return config, processor
+
+
 BUILDERS: dict[str, Callable] = {
     "llava": lambda **sizes: build_llava(next_version=False, **sizes),
     "llava_next": lambda: build_llava(next_version=True),
@@ -223,6 +248,7 @@ BUILDERS: dict[str, Callable] = {
     "smolvlm": lambda: build_idefics3(smol=True),
     "paligemma": build_paligemma,
     "instructblip": build_instructblip,
+    "llava_onevision": build_llava_onevision,
 }
 FAMILIES = tuple(BUILDERS)
 
