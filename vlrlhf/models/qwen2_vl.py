@@ -1,4 +1,7 @@
-"""Qwen2-VL and Qwen2.5-VL: dynamic resolution, M-RoPE, a flat patch sequence."""
+"""Qwen2-VL, Qwen2.5-VL and Qwen3-VL: dynamic resolution, M-RoPE, a flat patch sequence
+(Qwen3-VL adds DeepStack: features of intermediate vision layers added to the first
+language-model layers at the image tokens, which the packed forwards keep, since every
+image token is in the shared prefix)."""
 
 from __future__ import annotations
 
@@ -20,7 +23,7 @@ class ImageOnlyQwen2VLProcessor(Qwen2VLProcessor):
 
 
 class Qwen2VLAdapter(Adapter):
-    model_types = ("qwen2_vl", "qwen2_5_vl")
+    model_types = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl")
     # pixel_values: (sum of patches, C*T*P*P) flat over all images of the batch;
     # image_grid_thw: (n_images, 3) splits it. mm_token_type_ids marks image tokens
     # per position and is required by the model's M-RoPE index.
@@ -63,6 +66,8 @@ class Qwen2VLAdapter(Adapter):
         return position_ids
 
     def vision_modules(self, model):
-        # The merger (projector) is part of `visual`; keep it trainable.
+        # The merger (projector) is part of `visual`, and Qwen3-VL's DeepStack mergers project
+        # its intermediate layers into the language model: keep them trainable.
         visual = model.model.visual
-        return [module for name, module in visual.named_children() if name != "merger"]
+        projectors = ("merger", "deepstack_merger_list")
+        return [module for name, module in visual.named_children() if name not in projectors]

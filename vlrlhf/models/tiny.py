@@ -214,6 +214,35 @@ def build_instructblip():
     return config, processor
 
 
+def build_qwen3_vl():
+    """Qwen3-VL: a ViT with learned (interpolated) position embeddings and DeepStack features
+    of its layer 0 added to the language model's first layer; interleaved M-RoPE."""
+    from transformers import Qwen2VLImageProcessor, Qwen3VLConfig, Qwen3VLProcessor, Qwen3VLVideoProcessor
+    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>",
+                "<|image_pad|>", "<|video_pad|>"]
+    tokenizer = wrap_tokenizer(specials, bos=None, eos="<|im_end|>", pad="<|endoftext|>",
+                               extra={"image_token": "<|image_pad|>", "video_token": "<|video_pad|>",
+                                      "vision_bos_token": "<|vision_start|>",
+                                      "vision_eos_token": "<|vision_end|>"})
+    ids = tokenizer.convert_tokens_to_ids
+    text = _text_config(tokenizer, bos_token_id=None, model_type="qwen3_vl_text", head_dim=64,
+                        rope_parameters={"rope_type": "default", "rope_theta": 10000.0,
+                                         "mrope_section": [8, 12, 12], "mrope_interleaved": True})
+    vision = dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=2, patch_size=14, spatial_merge_size=2,
+                  temporal_patch_size=2, in_channels=3, out_hidden_size=TEXT["hidden_size"],
+                  num_position_embeddings=16, deepstack_visual_indexes=[0])
+    config = Qwen3VLConfig(text_config=text, vision_config=vision, image_token_id=ids("<|image_pad|>"),
+                           video_token_id=ids("<|video_pad|>"), vision_start_token_id=ids("<|vision_start|>"),
+                           vision_end_token_id=ids("<|vision_end|>"), tie_word_embeddings=False)
+    pixels = IMAGE_SIZE * IMAGE_SIZE
+    sizes = dict(size={"shortest_edge": pixels, "longest_edge": 4 * pixels}, patch_size=14, merge_size=2,
+                 temporal_patch_size=2)
+    processor = Qwen3VLProcessor(image_processor=Qwen2VLImageProcessor(**sizes),
+                                 video_processor=Qwen3VLVideoProcessor(**sizes), tokenizer=tokenizer,
+                                 chat_template=templates.CHATML_QWEN)
+    return config, processor
+
+
 def build_llava_onevision():
     """SigLIP + Qwen2, any-resolution tiles of 56 px (16 tokens each) plus the base image."""
     from transformers import (LlavaOnevisionConfig, LlavaOnevisionImageProcessor, LlavaOnevisionProcessor,
@@ -249,6 +278,7 @@ BUILDERS: dict[str, Callable] = {
     "paligemma": build_paligemma,
     "instructblip": build_instructblip,
     "llava_onevision": build_llava_onevision,
+    "qwen3_vl": build_qwen3_vl,
 }
 FAMILIES = tuple(BUILDERS)
 
