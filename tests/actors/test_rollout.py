@@ -20,11 +20,12 @@ ROOT = pathlib.Path(__file__).resolve().parents[2]
 
 
 def test_vllm_rollouts_match_the_transformers_engine_before_and_after_a_weight_sync(tiny_path):
-    """One subprocess (vLLM stays out of pytest), tiny LLaVA, Qwen2-VL, Qwen3-VL and LLaVA-OneVision. The vLLM and
-    transformers engines share the adapter's prompt tokens (vLLM's own tokenisation is
-    checked against it) and must agree token for token."""
+    """One subprocess (vLLM stays out of pytest), tiny LLaVA, Qwen2-VL, Qwen3-VL,
+    LLaVA-OneVision and InternVL. The vLLM and transformers engines share the adapter's
+    prompt tokens (vLLM's own tokenisation is checked against it) and must agree token for
+    token."""
     pytest.importorskip("vllm")
-    models = [str(tiny_path(family)) for family in ("llava", "qwen2_vl", "qwen3_vl", "llava_onevision")]
+    models = [str(tiny_path(family)) for family in ("llava", "qwen2_vl", "qwen3_vl", "llava_onevision", "internvl")]
     out = subprocess.run([sys.executable, str(SCRIPT), *models], capture_output=True, text=True, timeout=900,
                          cwd=ROOT)
     results = [json.loads(line[len("RESULT "):]) for line in out.stdout.splitlines() if line.startswith("RESULT ")]

@@ -523,5 +523,13 @@ class _ImagesOnce:
         output = self.outputs[key][1]
         return type(output)(dict(output)) if hasattr(output, "keys") else output  # callers may pop keys
 
+    def output_for(self, images: list):
+        """The remembered output of a call on these very images (in any nesting), or None."""
+        def flat(value):
+            return [i for v in value for i in flat(v)] if isinstance(value, (list, tuple)) else [id(value)]
+
+        wanted = flat(images)
+        return next((output for kept, output in self.outputs.values() if flat(kept) == wanted), None)
+
     def __getattr__(self, name):
         return getattr(self.inner, name)

@@ -9,6 +9,7 @@ import pathlib
 from vlrlhf.models.base import Adapter, LoadOptions
 from vlrlhf.models.idefics3 import Idefics3Adapter
 from vlrlhf.models.instructblip import InstructBlipAdapter
+from vlrlhf.models.internvl import InternVLAdapter
 from vlrlhf.models.llava import LlavaAdapter
 from vlrlhf.models.llava_next import LlavaNextAdapter
 from vlrlhf.models.llava_onevision import LlavaOnevisionAdapter
@@ -17,7 +18,7 @@ from vlrlhf.models.qwen2_vl import Qwen2VLAdapter
 
 BUILTIN_ADAPTERS: tuple[type[Adapter], ...] = (
     LlavaAdapter, LlavaNextAdapter, Qwen2VLAdapter, InstructBlipAdapter, Idefics3Adapter, PaliGemmaAdapter,
-    LlavaOnevisionAdapter)
+    LlavaOnevisionAdapter, InternVLAdapter)
 ADAPTERS: dict[str, type[Adapter]] = {t: cls for cls in BUILTIN_ADAPTERS for t in cls.model_types}
 
 

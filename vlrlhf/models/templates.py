@@ -69,3 +69,13 @@ CHATML_ONEVISION = (
     "{{ '<|im_end|>\\n' }}{%- endfor -%}"
     "{%- if add_generation_prompt -%}{{ '<|im_start|>assistant\\n' }}{%- endif -%}"
 )
+
+# InternVL (ChatML; "<IMG_CONTEXT>" per image, which the processor wraps in <img>...</img>
+# and repeats per tile): "<|im_start|>user\n<IMG_CONTEXT>\nQ<|im_end|>\n<|im_start|>assistant\nA<|im_end|>\n"
+CHATML_INTERNVL = (
+    "{%- for message in messages -%}" + _PARTS +
+    "{{ '<|im_start|>' + message['role'] + '\\n' }}"
+    + _render_parts("<IMG_CONTEXT>\\n") +
+    "{{ '<|im_end|>\\n' }}{%- endfor -%}"
+    "{%- if add_generation_prompt -%}{{ '<|im_start|>assistant\\n' }}{%- endif -%}"
+)

@@ -243,6 +243,29 @@ def build_qwen3_vl():
     return config, processor
 
 
+def build_internvl():
+    """InternVL (3 / 3.5, the transformers-native layout): InternViT with a CLS token, pixel
+    shuffle (downsample 0.5) and an MLP into Qwen2; images cut into up to 4 tiles of 56 px
+    plus a thumbnail, 4 tokens per tile."""
+    from transformers import GotOcr2ImageProcessor, InternVLConfig, InternVLProcessor, InternVLVideoProcessor
+    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<img>", "</img>", "<IMG_CONTEXT>", "<video>"]
+    tokenizer = wrap_tokenizer(specials, bos=None, eos="<|im_end|>", pad="<|endoftext|>",
+                               extra={"start_image_token": "<img>", "end_image_token": "</img>",
+                                      "context_image_token": "<IMG_CONTEXT>", "video_token": "<video>"})
+    config = InternVLConfig(
+        vision_config=dict(VISION, model_type="internvl_vision", image_size=IMAGE_SIZE, patch_size=14),
+        text_config=dict(_text_config(tokenizer, bos_token_id=None), model_type="qwen2"),
+        image_token_id=tokenizer.convert_tokens_to_ids("<IMG_CONTEXT>"), downsample_ratio=0.5,
+        vision_feature_layer=-1, vision_feature_select_strategy="default", tie_word_embeddings=False)
+    size = {"height": IMAGE_SIZE, "width": IMAGE_SIZE}
+    image_processor = GotOcr2ImageProcessor(size=size, crop_to_patches=True, min_patches=1, max_patches=4)
+    processor = InternVLProcessor(image_processor=image_processor, tokenizer=tokenizer,
+                                  video_processor=InternVLVideoProcessor(size=size),
+                                  image_seq_length=(IMAGE_SIZE // 14 // 2) ** 2,
+                                  chat_template=templates.CHATML_INTERNVL)
+    return config, processor
+
+
 def build_llava_onevision():
     """SigLIP + Qwen2, any-resolution tiles of 56 px (16 tokens each) plus the base image."""
     from transformers import (LlavaOnevisionConfig, LlavaOnevisionImageProcessor, LlavaOnevisionProcessor,
@@ -279,6 +302,7 @@ BUILDERS: dict[str, Callable] = {
     "instructblip": build_instructblip,
     "llava_onevision": build_llava_onevision,
     "qwen3_vl": build_qwen3_vl,
+    "internvl": build_internvl,
 }
 FAMILIES = tuple(BUILDERS)
 
