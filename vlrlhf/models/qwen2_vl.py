@@ -23,7 +23,7 @@ class ImageOnlyQwen2VLProcessor(Qwen2VLProcessor):
 
 
 class Qwen2VLAdapter(Adapter):
-    model_types = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl")
+    model_types = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl", "glm4v")
     # pixel_values: (sum of patches, C*T*P*P) flat over all images of the batch;
     # image_grid_thw: (n_images, 3) splits it. mm_token_type_ids marks image tokens
     # per position and is required by the model's M-RoPE index.

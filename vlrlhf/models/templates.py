@@ -79,3 +79,14 @@ CHATML_INTERNVL = (
     "{{ '<|im_end|>\\n' }}{%- endfor -%}"
     "{%- if add_generation_prompt -%}{{ '<|im_start|>assistant\\n' }}{%- endif -%}"
 )
+
+# GLM-4.1V (role tokens; an image is <|begin_of_image|><|image|><|end_of_image|>, the
+# processor repeats <|image|>; an answer ends with <|endoftext|> in these tiny checkpoints):
+# "[gMASK]<sop><|user|>\nQ<|assistant|>\nA<|endoftext|>"
+GLM4V = (
+    "{{ '[gMASK]<sop>' }}{%- for message in messages -%}" + _PARTS +
+    "{{ '<|' + message['role'] + '|>\\n' }}"
+    + _render_parts("<|begin_of_image|><|image|><|end_of_image|>") +
+    "{%- if message['role'] == 'assistant' -%}{{ '<|endoftext|>' }}{%- endif -%}{%- endfor -%}"
+    "{%- if add_generation_prompt -%}{{ '<|assistant|>\\n' }}{%- endif -%}"
+)

@@ -266,6 +266,34 @@ def build_internvl():
     return config, processor
 
 
+def build_glm4v():
+    """GLM-4.1V: a ViT with 2D-RoPE and interpolated position embeddings, patch merging, and a
+    GLM-4 language model with M-RoPE on half of each head (partial rotary)."""
+    from transformers import Glm4vConfig, Glm4vImageProcessor, Glm4vProcessor, Glm4vVideoProcessor
+    specials = ["<|endoftext|>", "[gMASK]", "<sop>", "<|system|>", "<|user|>", "<|assistant|>",
+                "<|begin_of_image|>", "<|end_of_image|>", "<|image|>", "<|begin_of_video|>", "<|end_of_video|>",
+                "<|video|>"]
+    tokenizer = wrap_tokenizer(specials, bos=None, eos="<|endoftext|>", pad="<|endoftext|>",
+                               extra={"image_token": "<|image|>", "video_token": "<|video|>"})
+    ids = tokenizer.convert_tokens_to_ids
+    text = _text_config(tokenizer, bos_token_id=None, model_type="glm4v_text", head_dim=64,
+                        rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [4, 6, 6],
+                                         "partial_rotary_factor": 0.5})
+    vision = dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=2, patch_size=14, spatial_merge_size=2,
+                  temporal_patch_size=2, in_channels=3, out_hidden_size=TEXT["hidden_size"], image_size=IMAGE_SIZE)
+    config = Glm4vConfig(text_config=text, vision_config=vision, image_token_id=ids("<|image|>"),
+                         video_token_id=ids("<|video|>"), image_start_token_id=ids("<|begin_of_image|>"),
+                         image_end_token_id=ids("<|end_of_image|>"), video_start_token_id=ids("<|begin_of_video|>"),
+                         video_end_token_id=ids("<|end_of_video|>"), tie_word_embeddings=False)
+    pixels = IMAGE_SIZE * IMAGE_SIZE
+    sizes = dict(size={"shortest_edge": pixels, "longest_edge": 4 * pixels}, patch_size=14, merge_size=2,
+                 temporal_patch_size=2)
+    processor = Glm4vProcessor(image_processor=Glm4vImageProcessor(**sizes),
+                               video_processor=Glm4vVideoProcessor(**sizes), tokenizer=tokenizer,
+                               chat_template=templates.GLM4V)
+    return config, processor
+
+
 def build_llava_onevision():
     """SigLIP + Qwen2, any-resolution tiles of 56 px (16 tokens each) plus the base image."""
     from transformers import (LlavaOnevisionConfig, LlavaOnevisionImageProcessor, LlavaOnevisionProcessor,
@@ -303,6 +331,7 @@ BUILDERS: dict[str, Callable] = {
     "llava_onevision": build_llava_onevision,
     "qwen3_vl": build_qwen3_vl,
     "internvl": build_internvl,
+    "glm4v": build_glm4v,
 }
 FAMILIES = tuple(BUILDERS)
 
