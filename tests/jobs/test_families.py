@@ -18,7 +18,7 @@ def metrics(run_dir: pathlib.Path) -> list[dict]:
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
-@pytest.mark.parametrize("family", ["llava_onevision", "qwen3_vl", "internvl", "glm4v"])
+@pytest.mark.parametrize("family", ["llava_onevision", "qwen3_vl", "internvl", "glm4v", "gemma3"])
 def test_dpo_with_lora_and_grpo_train_and_save_loadable_checkpoints(ray_cluster, tmp_path, tiny_path, family):
     from peft import PeftModel
 

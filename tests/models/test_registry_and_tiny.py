@@ -27,7 +27,7 @@ def test_tiny_checkpoint_loads_every_weight_from_disk(family, tiny_path):
     assert ADAPTERS[model.config.model_type]  # every tiny family has a built-in adapter
 
 
-@pytest.mark.parametrize("family", ["llava", "llava_next", "llava_onevision", "paligemma"])
+@pytest.mark.parametrize("family", ["llava", "llava_next", "llava_onevision", "paligemma", "gemma3"])
 def test_clip_and_siglip_towers_are_saved_in_hub_layout(family, tiny_path):
     from safetensors import safe_open
 

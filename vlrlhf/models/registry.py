@@ -7,6 +7,7 @@ import json
 import pathlib
 
 from vlrlhf.models.base import Adapter, LoadOptions
+from vlrlhf.models.gemma3 import Gemma3Adapter
 from vlrlhf.models.idefics3 import Idefics3Adapter
 from vlrlhf.models.instructblip import InstructBlipAdapter
 from vlrlhf.models.internvl import InternVLAdapter
@@ -18,7 +19,7 @@ from vlrlhf.models.qwen2_vl import Qwen2VLAdapter
 
 BUILTIN_ADAPTERS: tuple[type[Adapter], ...] = (
     LlavaAdapter, LlavaNextAdapter, Qwen2VLAdapter, InstructBlipAdapter, Idefics3Adapter, PaliGemmaAdapter,
-    LlavaOnevisionAdapter, InternVLAdapter)
+    LlavaOnevisionAdapter, InternVLAdapter, Gemma3Adapter)
 ADAPTERS: dict[str, type[Adapter]] = {t: cls for cls in BUILTIN_ADAPTERS for t in cls.model_types}
 
 

@@ -90,3 +90,13 @@ GLM4V = (
     "{%- if message['role'] == 'assistant' -%}{{ '<|endoftext|>' }}{%- endif -%}{%- endfor -%}"
     "{%- if add_generation_prompt -%}{{ '<|assistant|>\\n' }}{%- endif -%}"
 )
+
+# Gemma 3: "<bos><start_of_turn>user\n<start_of_image>Q<end_of_turn>\n<start_of_turn>model\nA<end_of_turn>\n"
+# (the processor expands <start_of_image> into the image's soft tokens between blank lines)
+GEMMA3 = (
+    "{{ '<bos>' }}{%- for message in messages -%}" + _PARTS +
+    "{{ '<start_of_turn>' + ('model' if message['role'] == 'assistant' else message['role']) + '\\n' }}"
+    + _render_parts("<start_of_image>") +
+    "{{ '<end_of_turn>\\n' }}{%- endfor -%}"
+    "{%- if add_generation_prompt -%}{{ '<start_of_turn>model\\n' }}{%- endif -%}"
+)

@@ -294,6 +294,32 @@ def build_glm4v():
     return config, processor
 
 
+def build_gemma3():
+    """Gemma 3: SigLIP, its patches average-pooled to mm_tokens_per_image soft tokens between
+    <start_of_image> and <end_of_image>; a Gemma 3 language model (local and global layers)."""
+    from transformers import Gemma3Config, Gemma3ImageProcessor, Gemma3Processor
+    # runs of 1-4 newlines are single tokens, as in Gemma's vocabulary (vLLM's Gemma 3 processor
+    # looks them up to merge the newlines around an image with the text's)
+    specials = ["<pad>", "<eos>", "<bos>", "<unk>", "<start_of_turn>", "<end_of_turn>", "<start_of_image>",
+                "<end_of_image>", "<image_soft_token>", "\n\n\n\n", "\n\n\n", "\n\n", "\n"]
+    tokenizer = wrap_tokenizer(specials, bos="<bos>", eos="<end_of_turn>", pad="<pad>",
+                               extra={"boi_token": "<start_of_image>", "eoi_token": "<end_of_image>",
+                                      "image_token": "<image_soft_token>"}, add_bos_token=False)
+    ids = tokenizer.convert_tokens_to_ids
+    tokens = 4  # 4 x 4 patches of 14 px pooled to 2 x 2
+    config = Gemma3Config(
+        text_config=dict(_text_config(tokenizer), model_type="gemma3_text", num_key_value_heads=1, head_dim=64,
+                         query_pre_attn_scalar=64, sliding_window=512),
+        vision_config=dict(VISION, model_type="siglip_vision_model", image_size=IMAGE_SIZE, patch_size=14,
+                           vision_use_head=False),
+        mm_tokens_per_image=tokens, boi_token_index=ids("<start_of_image>"), eoi_token_index=ids("<end_of_image>"),
+        image_token_index=ids("<image_soft_token>"), tie_word_embeddings=False)
+    image_processor = Gemma3ImageProcessor(size={"height": IMAGE_SIZE, "width": IMAGE_SIZE}, do_pan_and_scan=False)
+    processor = Gemma3Processor(image_processor=image_processor, tokenizer=tokenizer, image_seq_length=tokens,
+                                chat_template=templates.GEMMA3)
+    return config, processor
+
+
 def build_llava_onevision():
     """SigLIP + Qwen2, any-resolution tiles of 56 px (16 tokens each) plus the base image."""
     from transformers import (LlavaOnevisionConfig, LlavaOnevisionImageProcessor, LlavaOnevisionProcessor,
@@ -332,6 +358,7 @@ BUILDERS: dict[str, Callable] = {
     "qwen3_vl": build_qwen3_vl,
     "internvl": build_internvl,
     "glm4v": build_glm4v,
+    "gemma3": build_gemma3,
 }
 FAMILIES = tuple(BUILDERS)
 

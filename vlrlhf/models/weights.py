@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 
 HUB_RENAMES = {model_type: ("vision_tower.", "vision_tower.vision_model.")
-               for model_type in ("llava", "llava_next", "llava_onevision", "paligemma")}
+               for model_type in ("llava", "llava_next", "llava_onevision", "paligemma", "gemma3")}
 
 
 def skeleton(model_path: str):
