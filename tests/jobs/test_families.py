@@ -39,7 +39,8 @@ def test_dpo_with_lora_and_grpo_train_and_save_loadable_checkpoints(ray_cluster,
 
     grpo = tmp_path / "grpo"
     overrides = [f"model.path={model}", "trainer.max_steps=2", "online.prompts_per_step=2", "online.n=2",
-                 "online.skip_equal_groups=false", f"checkpoint.dir={tmp_path / 'grpo-ck'}"]
+                 "online.skip_equal_groups=false", "resources.policy.num_workers=0",  # in the driver, as DPO
+                 f"checkpoint.dir={tmp_path / 'grpo-ck'}"]
     assert run_job(str(ROOT / "configs" / "demo_grpo.yaml"), overrides, run_dir=str(grpo)) == 0
     steps = [row for row in metrics(grpo) if "train/reward" in row]
     assert [row["step"] for row in steps] == [1, 2] and all(row["train/synced_tensors"] > 0 for row in steps)
