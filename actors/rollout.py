@@ -385,16 +385,18 @@ def encode_prompts(adapter, slices: list, settings, sink=None) -> StepPrompts:
     """Prompt records -> engine requests and their encodings, put in the object store. A prompt
     whose image does not load or that is too long after image expansion is a bad record: raised
     (file, row, reason), or reported to the job's ledger and left out of the step (`sink`)."""
+    import functools
     import pickle
 
     import ray
 
+    from vlrlhf.data.fit import fit
     from vlrlhf.data.images import load_image
     from vlrlhf.data.pipeline import EncodedItem, skip_or_raise
     from vlrlhf.data.shares import load_rows
     from vlrlhf.errors import ReasonError
 
-    requests, items, records, bad, last_key = [], [], [], [], -1
+    requests, items, records, bad, resized, last_key = [], [], [], [], [], -1
     for row in load_rows(slices, ("record", "key")):
         record, _ = pickle.loads(row["record"])
         last_key = max(last_key, int(row["key"]))
@@ -402,14 +404,21 @@ def encode_prompts(adapter, slices: list, settings, sink=None) -> StepPrompts:
         try:
             images = [load_image(source, image_root=settings.image_root, max_pixels=settings.max_pixels)
                       for source in record.images]
-            encoded = adapter.encode_prompt(messages, images, max_length=settings.max_length, record=record.id)
+            encode = functools.partial(adapter.encode_prompt, messages, record=record.id)
+            encoded, images, scale = fit(encode, images, max_length=settings.max_length,
+                                         overflow=settings.image_overflow,
+                                         placeholder_ids=adapter.placeholder_token_ids, record=record.id)
         except ReasonError as error:
             bad.append((record.id, error.reason, str(error), "encode"))
             continue
+        if scale != 1.0:
+            resized.append((record.id, scale))
         requests.append({"messages": messages, "images": images, "encoded": encoded})
         items.append(EncodedItem(int(row["key"]), record.id, record, encoded))
         records.append(record.model_copy(update={"images": []}))
     skip_or_raise(sink, bad)
+    if sink is not None:
+        sink.resized(resized)
     return StepPrompts(requests, records, last_key, [ray.put(items)])
 
 

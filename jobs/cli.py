@@ -67,7 +67,7 @@ def cmd_data_check(args) -> int:
 
     image_root = args.image_root or str(pathlib.Path(args.paths[0]).parent)  # default: the first file's folder
     report = check_data(args.paths, args.format, model_path=args.model, task=args.task, image_root=image_root,
-                        max_length=args.max_length, quarantine=args.quarantine)
+                        max_length=args.max_length, quarantine=args.quarantine, image_overflow=args.image_overflow)
     print_report(report)
     return 0
 
@@ -253,6 +253,8 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument("--task", default="preference", choices=["sft", "preference", "kto", "prompt"])
     check.add_argument("--image-root", help="folder that image paths are relative to (default: the file's)")
     check.add_argument("--max-length", type=int)
+    check.add_argument("--image-overflow", default="resize", choices=["resize", "skip", "raise"],
+                       help="a record over --max-length: shrink its images until it fits, skip it, or stop")
     check.add_argument("--quarantine", help="where to write bad rows (JSONL)")
     check.set_defaults(func=cmd_data_check)
     return parser

@@ -97,6 +97,7 @@ def prepare_data(spec: JobSpec, run_dir: pathlib.Path, resources: PipelineResour
             if data.eval_fraction else None
     settings = EncodeSettings(model_path=spec.model.path, task=TASK_OF[spec.algorithm.name],
                               adapter=spec.model.adapter, max_length=data.max_length, image_root=data.image_root,
+                              image_overflow=data.image_overflow,
                               max_pixels=data.max_pixels, ddpo_gamma=spec.algorithm.ddpo_gamma,
                               corrupt_keep=spec.algorithm.mdpo.keep if spec.algorithm.mdpo else None,
                               processor=tuple(sorted(spec.model.processor.items())))

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import os
 import pathlib
 import re
@@ -206,38 +207,39 @@ def plan_spec(spec: JobSpec, nodes: list[dict[str, float]]) -> Plan:
 
 
 def token_lengths(spec: JobSpec, limit: int) -> dict | None:
-    """Lengths after image expansion of the first `limit` records (None: model or data not here)."""
+    """Tokens after image expansion of the first `limit` records, text and image tokens apart,
+    and what each `data.image_overflow` would do with the records over the limit (None: model
+    or data not here). Records are read and encoded by Ray Data tasks, not in this process."""
+    import ray
+
     from jobs.common import TASK_OF
-    from vlrlhf.data.pipeline import EncodeSettings, encode_record
-    from vlrlhf.data.reader import BadRecords, read_records
-    from vlrlhf.models.registry import load_adapter
+    from jobs.data_check import record_tokens, token_report
+    from vlrlhf.data.ledger import start_ledger
+    from vlrlhf.data.pipeline import BadRows, EncodeSettings, RecordSource, record_dataset
+    from vlrlhf.data.sources import expand_sources
 
     local = [spec.model.path, *spec.data.train]
     if any("://" in path or not pathlib.Path(path).exists() for path in local):
         return None
     online = spec.algorithm.name in ONLINE_ALGORITHMS
-    task = "prompt" if online else TASK_OF[spec.algorithm.name]
-    records = read_records(spec.data.train, spec.data.format, options=spec.data.format_options,
-                           bad=BadRecords("skip"))[:limit]
-    adapter = load_adapter(spec.model.path, adapter=spec.model.adapter)
-    settings = EncodeSettings(model_path=spec.model.path, task=task, image_root=spec.data.image_root,
-                              max_pixels=spec.data.max_pixels)
-    lengths, failed = [], 0
-    for record in records:
-        try:
-            encoded = encode_record(adapter, record, settings)
-        except Exception:  # noqa: BLE001 - a bad record is counted, `vlrlhf data check` says why
-            failed += 1
-            continue
-        parts = [encoded] if hasattr(encoded, "input_ids") else [p for p in vars(encoded).values()
-                                                                 if hasattr(p, "input_ids")]
-        lengths.append(max(len(part) for part in parts))
     limit_tokens = spec.data.max_length
     if online:  # vLLM holds the prompt and the completion
         limit_tokens = min(limit_tokens, spec.online.max_model_len - spec.online.max_tokens)
-    return {"records": len(records), "encoded": len(lengths), "failed": failed, "limit": limit_tokens,
-            "too_long": sum(n > limit_tokens for n in lengths), "max": max(lengths, default=0),
-            "median": sorted(lengths)[len(lengths) // 2] if lengths else 0}
+    if not ray.is_initialized():  # RAY_ADDRESS joins a cluster; otherwise a local one
+        ray.init(address=os.environ.get("RAY_ADDRESS") or "local", include_dashboard=False, logging_level="ERROR")
+    context = ray.data.DataContext.get_current()  # the plan is the output: no progress lines
+    context.enable_progress_bars = context.print_on_execution_start = False
+    logging.getLogger("ray.data").setLevel(logging.WARNING)
+    settings = EncodeSettings(model_path=spec.model.path, task="prompt" if online else TASK_OF[spec.algorithm.name],
+                              adapter=spec.model.adapter, image_root=spec.data.image_root,
+                              max_pixels=spec.data.max_pixels, processor=tuple(sorted(spec.model.processor.items())))
+    sink = BadRows("skip", start_ledger("skip", None))  # unreadable rows: `vlrlhf data check` says why
+    source = RecordSource(tuple(expand_sources(spec.data.train)), spec.data.format, dict(spec.data.format_options),
+                          sink=sink)
+    rows = record_dataset(source).limit(limit).map_batches(
+        record_tokens, fn_kwargs={"settings": settings, "limit": limit_tokens}, batch_size=16,
+        batch_format="numpy").take_all()
+    return token_report(rows, limit_tokens)
 
 
 def report(spec: JobSpec, plan: Plan) -> str:
@@ -261,9 +263,16 @@ def report(spec: JobSpec, plan: Plan) -> str:
     if tokens is None:
         lines.append("tokens: model or data not on this machine; not checked")
     else:
+        image, text, fate = tokens["image_tokens"], tokens["text_tokens"], tokens["overflow"]
         lines.append(f"tokens after image expansion, first {tokens['records']} records: median {tokens['median']}, "
-                     f"max {tokens['max']}; {tokens['too_long']} over the limit of {tokens['limit']} (skipped or "
-                     f"an error, as data.on_bad_record says), {tokens['failed']} not encodable")
+                     f"max {tokens['max']}; {tokens['too_long']} over the limit of {tokens['limit']}, "
+                     f"{tokens['failed']} not encodable")
+        lines.append(f"  image tokens p50 {image['p50']} p90 {image['p90']} max {image['max']}; "
+                     f"text tokens p50 {text['p50']} p90 {text['p90']} max {text['max']}")
+        if tokens["too_long"]:
+            lines.append(f"  over the limit, data.image_overflow ({spec.data.image_overflow}): resize would resize "
+                         f"{fate['resize']['resized']} and skip {fate['resize']['skipped']}; skip would skip "
+                         f"{fate['skip']['skipped']}; raise would stop the job")
     lines += plan.memory
     lines += [f"DOES NOT FIT: {problem}" for problem in plan.problems] or ["fits"]
     return "\n".join(lines)

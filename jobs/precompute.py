@@ -20,7 +20,8 @@ def fingerprint(spec: JobSpec) -> dict:
     data, algorithm = spec.data, spec.algorithm
     return {"model": spec.reference.path or spec.model.path, "train": data.train, "eval": data.eval,
             "eval_fraction": data.eval_fraction, "seed": spec.trainer.seed, "format": data.format,
-            "format_options": data.format_options, "max_length": data.max_length, "image_root": data.image_root,
+            "format_options": data.format_options, "max_length": data.max_length,
+            "image_overflow": data.image_overflow, "image_root": data.image_root,
             "ddpo_gamma": algorithm.ddpo_gamma, "mdpo_keep": list(algorithm.mdpo.keep) if algorithm.mdpo else None}
 
 

@@ -57,6 +57,10 @@ class DataSpec(Section):
     eval_fraction: float = Field(0.0, ge=0, lt=1)
     image_root: str | None = None  # default: the first train file's folder
     max_length: int = Field(2048, gt=0)
+    # A record over max_length after image expansion is never cut (vlrlhf.data.fit): resize
+    # lowers its images' pixels until it fits, skip makes it a bad record (too_long), raise
+    # stops the job naming it.
+    image_overflow: Literal["resize", "skip", "raise"] = "resize"
     max_pixels: int = Field(40_000_000, gt=0)
     on_bad_record: Literal["raise", "skip"] = "raise"
     format_options: dict[str, Any] = {}

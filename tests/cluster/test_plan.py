@@ -95,7 +95,7 @@ def test_placement_strategies_and_the_data_pipeline_budget():
     assert any("data pipeline" in problem for problem in tight.problems)
 
 
-def test_token_lengths_after_image_expansion_against_max_length(tiny_path, tmp_path):
+def test_token_lengths_after_image_expansion_against_max_length(ray_cluster, tiny_path, tmp_path):
     """LLaVA-NeXT with llava-v1.6-mistral-7b's image processing (336 px tiles, its grid
     pinpoints): a 640x480 image becomes ~2,340 tokens, so the DDPO template's max_length
     must exceed 2048 (it skipped nearly every record before)."""
@@ -126,7 +126,11 @@ def test_token_lengths_after_image_expansion_against_max_length(tiny_path, tmp_p
     tokens = token_lengths(load_spec(template, overrides), limit=10)
     assert tokens["records"] == tokens["encoded"] == 3
     assert 2048 < tokens["max"] <= tokens["limit"] == 4096 and tokens["too_long"] == 0
-    assert token_lengths(load_spec(template, overrides + ["data.max_length=2048"]), 10)["too_long"] == 3
+    assert tokens["image_tokens"]["max"] > 2000 and 0 < tokens["text_tokens"]["max"] < 100
+    tight = token_lengths(load_spec(template, overrides + ["data.max_length=2048"]), 10)
+    assert tight["too_long"] == 3  # a smaller image takes a smaller tile grid: resize fits every one
+    assert tight["overflow"] == {"resize": {"resized": 3, "skipped": 0}, "skip": {"skipped": 3},
+                                 "raise": {"stops": True}}
 
 
 def test_kuberay_manifests_describe_their_nodes():

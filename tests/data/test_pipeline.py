@@ -191,7 +191,7 @@ def write_bad_file(root: pathlib.Path) -> str:
 
 
 EXPECTED_SKIPS = {"missing_field": 1, "wrong_type": 1, "missing": 1, "truncated": 1, "path_outside_root": 1,
-                  "image_count_mismatch": 1, "too_long": 1,
+                  "image_count_mismatch": 1, "too_long_text": 1,
                   "too_many_pixels": 1}
 
 
@@ -229,7 +229,7 @@ def test_bad_records_skipped_counted_once_and_quarantined_with_two_pipeline_work
     by_reason = {line["reason"]: line for line in lines}
     assert by_reason["missing_field"]["where"].endswith("mixed.jsonl:row 3")
     assert by_reason["missing_field"]["stage"] == "read"
-    assert by_reason["too_long"]["where"] == "mixed.jsonl:10" and by_reason["too_long"]["stage"] == "encode"
+    assert by_reason["too_long_text"]["where"] == "mixed.jsonl:10" and by_reason["too_long_text"]["stage"] == "encode"
     adapter = load_adapter(tiny_path("llava"))
     assert all(same(item.encoded, encode_record(adapter, item.record, settings)) for item in items)
     assert "skipped 8 bad record(s)" in ray.get(ledger.summary.remote())

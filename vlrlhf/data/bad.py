@@ -35,6 +35,7 @@ class BadRecords:
     quarantine_path: pathlib.Path | None = None
     counts: collections.Counter = dataclasses.field(default_factory=collections.Counter)
     dropped_by_rule: collections.Counter = dataclasses.field(default_factory=collections.Counter)
+    resized: dict = dataclasses.field(default_factory=dict)  # where -> image scale (data.image_overflow)
 
     def __post_init__(self):
         if self.policy not in POLICIES:
@@ -61,6 +62,9 @@ class BadRecords:
         parts = [f"skipped {self.skipped} bad record(s)" + (f" {dict(self.counts)}" if self.counts else "")]
         if self.dropped_by_rule:
             parts.append(f"dropped by the format's rules {dict(self.dropped_by_rule)}")
+        if self.resized:
+            parts.append(f"resized the images of {len(self.resized)} record(s) to fit max_length (sides x"
+                         f"{min(self.resized.values()):.3g} at least)")
         if self.counts and self.quarantine_path is not None:
             parts.append(f"quarantine: {self.quarantine_path}")
         return "; ".join(parts)

@@ -31,6 +31,13 @@ class Ledger:
                 self.seen.add((where, stage))
                 self.bad.handle(where, reason, message, stage=stage)
 
+    def report_resized(self, rows: list[tuple[str, float]]) -> None:
+        """(where, scale) of records whose images were shrunk to fit max_length."""
+        self.bad.resized.update(rows)
+
+    def resized(self) -> dict[str, float]:
+        return dict(self.bad.resized)
+
     def set_rule_drops(self, unit: str, dropped: dict[str, int]) -> None:
         self.rule_drops[unit] = collections.Counter(dropped)
         self.bad.dropped_by_rule = sum(self.rule_drops.values(), collections.Counter())

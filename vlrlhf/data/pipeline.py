@@ -56,6 +56,7 @@ class EncodeSettings:
     max_length: int | None = None
     image_root: str | None = None
     max_pixels: int = DEFAULT_MAX_PIXELS
+    image_overflow: str = "resize"  # a record over max_length: resize | skip | raise (vlrlhf.data.fit)
     ddpo_gamma: float | None = None  # DDPO: weight of corrected answer tokens (RLHF-V: 5)
     corrupt_keep: tuple[float, float] | None = None  # mDPO: area kept by the corrupting crop
     processor: tuple[tuple[str, object], ...] = ()  # model.processor options (image resolution)
@@ -111,6 +112,13 @@ class EncodedItem:
 def encode_record(adapter, record, settings: EncodeSettings, partner: str | None = None):
     """Load the record's images and encode it for its task. Raises ImageError / EncodeError.
     `partner`: for KTO, the completion of another record (the mismatched pair)."""
+    return encode_fitted(adapter, record, settings, partner)[0]
+
+
+def encode_fitted(adapter, record, settings: EncodeSettings, partner: str | None = None) -> tuple[object, float]:
+    """(encoding, image scale): a record over max_length after image expansion is resized,
+    skipped or raised as `settings.image_overflow` says (vlrlhf.data.fit), never cut."""
+    from vlrlhf.data.fit import fit
     from vlrlhf.models.base import EncodeError  # models (torch) only where records are encoded
 
     expected = RECORD_FOR_TASK[settings.task]
@@ -119,7 +127,15 @@ def encode_record(adapter, record, settings: EncodeSettings, partner: str | None
                                                f"got {type(record).__name__}")
     images = [load_image(source, image_root=settings.image_root, max_pixels=settings.max_pixels)
               for source in record.images]
-    kwargs = dict(max_length=settings.max_length, record=record.id)
+    encoded, _, scale = fit(lambda sized: encode_task(adapter, record, settings, partner, sized), images,
+                            max_length=settings.max_length, overflow=settings.image_overflow,
+                            placeholder_ids=adapter.placeholder_token_ids, record=record.id)
+    return encoded, scale
+
+
+def encode_task(adapter, record, settings: EncodeSettings, partner: str | None, images: list):
+    """The record encoded for its task with these images, without a length check."""
+    kwargs = dict(record=record.id)
     dump = [m.model_dump() for m in getattr(record, "messages", None) or record.prompt]
     if settings.task == "sft":
         return adapter.encode(dump, images, **kwargs)
@@ -221,6 +237,13 @@ class BadRows:
         import ray
 
         ray.get(self.ledger.report.remote(rows))
+
+    def resized(self, rows: list[tuple[str, float]]) -> None:
+        """(where, scale) of records whose images were shrunk to fit max_length (counted, not bad)."""
+        if self.ledger is not None and rows:
+            import ray
+
+            ray.get(self.ledger.report_resized.remote(rows))
 
     def rule_drops(self, unit: str, dropped: dict[str, int]) -> None:
         if self.ledger is not None and dropped:
@@ -428,11 +451,11 @@ def encode_rows(batch: dict, settings: EncodeSettings, sink: BadRows | None) -> 
     keys = batch["key"] if "key" in batch else np.zeros(rows, dtype=np.int64)
     exact = batch["exact"] if "exact" in batch else np.zeros(rows, dtype=bool)
     out = {"id": [], "key": [], "payload": [], "weight": []}
-    bad = []
+    bad, resized = [], []
     for key, blob, keep in zip(keys, batch["record"], exact, strict=True):
         record, partner = pickle.loads(blob)
         try:
-            encoded = encode_record(adapter, record, settings, partner)
+            encoded, scale = encode_fitted(adapter, record, settings, partner)
         except ReasonError as error:  # ImageError, EncodeError: a bad record with its reason
             bad.append((record.id, error.reason, str(error), "encode"))
             if keep:
@@ -441,11 +464,15 @@ def encode_rows(batch: dict, settings: EncodeSettings, sink: BadRows | None) -> 
                 out["payload"].append(b"")
                 out["weight"].append(0.0)
             continue
+        if scale != 1.0:
+            resized.append((record.id, scale))
         out["id"].append(record.id)
         out["key"].append(int(key))
         out["payload"].append(pickle.dumps(EncodedItem(int(key), record.id, record, encoded)))
         out["weight"].append(float(encoded.num_label_tokens) if isinstance(encoded, EncodedExample) else 1.0)
     skip_or_raise(sink, bad)
+    if sink is not None:
+        sink.resized(resized)
     return {"id": np.array(out["id"], dtype=object), "key": np.array(out["key"], dtype=np.int64),
             "payload": np.array(out["payload"], dtype=object), "weight": np.array(out["weight"], dtype=np.float64)}
 
