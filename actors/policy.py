@@ -95,6 +95,10 @@ class PolicyWorker(WorkerBase):
             self.deepspeed = DeepSpeedStrategy(self.model, self.optimizer, self.scheduler, self.trainer,
                                                world_size, self.model_spec.dtype,
                                                variable_steps=self.online is not None)
+            if self.trainer.zero_stage == 3:  # ranks gather the same modules: a text-only batch runs the tower too
+                from vlrlhf.models.vision_sync import keep_vision_in_every_forward
+
+                keep_vision_in_every_forward(self.adapter, self.model)
         elif world_size > 1:  # identical replicas, whatever each process initialised
             for parameter in self.model.parameters():
                 dist.broadcast(parameter.data, src=0)
