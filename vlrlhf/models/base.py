@@ -82,6 +82,9 @@ class Adapter:
 
     model_types: ClassVar[tuple[str, ...]] = ()
     supports_multi_image: ClassVar[bool] = True
+    # Why vLLM rollouts are refused for this family (its engine does not follow a weight
+    # sync), or None; actors.rollout checks it before starting an engine.
+    vllm_sync_broken: ClassVar[str | None] = None
     supports_text_only: ClassVar[bool] = True
     # False where only the last assistant turn can carry labels (template-less families).
     scores_every_turn: ClassVar[bool] = True

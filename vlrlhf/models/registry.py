@@ -15,11 +15,11 @@ from vlrlhf.models.llava import LlavaAdapter
 from vlrlhf.models.llava_next import LlavaNextAdapter
 from vlrlhf.models.llava_onevision import LlavaOnevisionAdapter
 from vlrlhf.models.paligemma import PaliGemmaAdapter
-from vlrlhf.models.qwen2_vl import Qwen2VLAdapter
+from vlrlhf.models.qwen2_vl import Glm4vAdapter, Qwen2VLAdapter
 
 BUILTIN_ADAPTERS: tuple[type[Adapter], ...] = (
     LlavaAdapter, LlavaNextAdapter, Qwen2VLAdapter, InstructBlipAdapter, Idefics3Adapter, PaliGemmaAdapter,
-    LlavaOnevisionAdapter, InternVLAdapter, Gemma3Adapter)
+    LlavaOnevisionAdapter, InternVLAdapter, Gemma3Adapter, Glm4vAdapter)
 ADAPTERS: dict[str, type[Adapter]] = {t: cls for cls in BUILTIN_ADAPTERS for t in cls.model_types}
 
 

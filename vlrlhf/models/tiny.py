@@ -107,15 +107,27 @@ def build_llava(next_version: bool = False, text: dict | None = None, vision: di
     return config, processor
 
 
+def _qwen_tokenizer():
+    """The Qwen2-VL / Qwen3-VL tokenizer: ChatML turns and vision start, end and pad tokens."""
+    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>",
+                "<|image_pad|>", "<|video_pad|>"]
+    return wrap_tokenizer(specials, bos=None, eos="<|im_end|>", pad="<|endoftext|>",
+                          extra={"image_token": "<|image_pad|>", "video_token": "<|video_pad|>",
+                                 "vision_bos_token": "<|vision_start|>", "vision_eos_token": "<|vision_end|>"})
+
+
+def _patch_sizes() -> dict:
+    """Image and video processor sizes of the 14 px patch, 2x2 merge families (transformers' `size`
+    spelling): 1 to 4 times IMAGE_SIZE squared pixels."""
+    pixels = IMAGE_SIZE * IMAGE_SIZE
+    return dict(size={"shortest_edge": pixels, "longest_edge": 4 * pixels}, patch_size=14, merge_size=2,
+                temporal_patch_size=2)
+
+
 def build_qwen2_vl(version: str = "2"):
     from transformers import (Qwen2_5_VLConfig, Qwen2VLConfig, Qwen2VLImageProcessor,
                               Qwen2VLProcessor, Qwen2VLVideoProcessor)
-    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>",
-                "<|image_pad|>", "<|video_pad|>"]
-    tokenizer = wrap_tokenizer(specials, bos=None, eos="<|im_end|>", pad="<|endoftext|>",
-                               extra={"image_token": "<|image_pad|>", "video_token": "<|video_pad|>",
-                                      "vision_bos_token": "<|vision_start|>",
-                                      "vision_eos_token": "<|vision_end|>"})
+    tokenizer = _qwen_tokenizer()
     ids = tokenizer.convert_tokens_to_ids
     text = _text_config(tokenizer, bos_token_id=None, model_type=f"qwen{version.replace('.', '_')}_vl_text",
                         rope_parameters={"rope_type": "default", "rope_theta": 10000.0,
@@ -218,12 +230,7 @@ def build_qwen3_vl():
     """Qwen3-VL: a ViT with learned (interpolated) position embeddings and DeepStack features
     of its layer 0 added to the language model's first layer; interleaved M-RoPE."""
     from transformers import Qwen2VLImageProcessor, Qwen3VLConfig, Qwen3VLProcessor, Qwen3VLVideoProcessor
-    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>",
-                "<|image_pad|>", "<|video_pad|>"]
-    tokenizer = wrap_tokenizer(specials, bos=None, eos="<|im_end|>", pad="<|endoftext|>",
-                               extra={"image_token": "<|image_pad|>", "video_token": "<|video_pad|>",
-                                      "vision_bos_token": "<|vision_start|>",
-                                      "vision_eos_token": "<|vision_end|>"})
+    tokenizer = _qwen_tokenizer()
     ids = tokenizer.convert_tokens_to_ids
     text = _text_config(tokenizer, bos_token_id=None, model_type="qwen3_vl_text", head_dim=64,
                         rope_parameters={"rope_type": "default", "rope_theta": 10000.0,
@@ -234,9 +241,7 @@ def build_qwen3_vl():
     config = Qwen3VLConfig(text_config=text, vision_config=vision, image_token_id=ids("<|image_pad|>"),
                            video_token_id=ids("<|video_pad|>"), vision_start_token_id=ids("<|vision_start|>"),
                            vision_end_token_id=ids("<|vision_end|>"), tie_word_embeddings=False)
-    pixels = IMAGE_SIZE * IMAGE_SIZE
-    sizes = dict(size={"shortest_edge": pixels, "longest_edge": 4 * pixels}, patch_size=14, merge_size=2,
-                 temporal_patch_size=2)
+    sizes = _patch_sizes()
     processor = Qwen3VLProcessor(image_processor=Qwen2VLImageProcessor(**sizes),
                                  video_processor=Qwen3VLVideoProcessor(**sizes), tokenizer=tokenizer,
                                  chat_template=templates.CHATML_QWEN)
@@ -285,9 +290,7 @@ def build_glm4v():
                          video_token_id=ids("<|video|>"), image_start_token_id=ids("<|begin_of_image|>"),
                          image_end_token_id=ids("<|end_of_image|>"), video_start_token_id=ids("<|begin_of_video|>"),
                          video_end_token_id=ids("<|end_of_video|>"), tie_word_embeddings=False)
-    pixels = IMAGE_SIZE * IMAGE_SIZE
-    sizes = dict(size={"shortest_edge": pixels, "longest_edge": 4 * pixels}, patch_size=14, merge_size=2,
-                 temporal_patch_size=2)
+    sizes = _patch_sizes()
     processor = Glm4vProcessor(image_processor=Glm4vImageProcessor(**sizes),
                                video_processor=Glm4vVideoProcessor(**sizes), tokenizer=tokenizer,
                                chat_template=templates.GLM4V)
