@@ -83,11 +83,11 @@ def processor_options(processor: dict | None) -> tuple:
 
 class TransformersEngine:
     def __init__(self, model_path: str, adapter: str | None = None, dtype: str = "float32",
-                 processor: dict | None = None):
+                 processor: dict | None = None, trust_remote_code: bool = False):
         from actors.generator import load_for_inference
 
-        self.adapter, self.model = load_for_inference(model_path, adapter,
-                                                      LoadOptions(dtype=dtype, processor=processor_options(processor)))
+        self.adapter, self.model = load_for_inference(model_path, adapter, LoadOptions(
+            dtype=dtype, processor=processor_options(processor), trust_remote_code=trust_remote_code))
         self.device = next(self.model.parameters()).device
 
     def encode(self, requests: list[dict]):
@@ -203,7 +203,8 @@ def vllm_options(on_gpu: bool, max_model_len: int, tensor_parallel_size: int, gp
 class VLLMEngine:
     def __init__(self, model_path: str, adapter: str | None = None, dtype: str = "float32",
                  max_model_len: int = 1024, tensor_parallel_size: int = 1, gpu_memory_utilization: float = 0.5,
-                 seed: int = 0, sleep_mode: bool = False, processor: dict | None = None):
+                 seed: int = 0, sleep_mode: bool = False, processor: dict | None = None,
+                 trust_remote_code: bool = False):
         check_vllm_family(model_path, adapter)
         os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
         os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
@@ -214,11 +215,11 @@ class VLLMEngine:
         from vlrlhf.models.weights import skeleton
 
         # the training-side tokenisation, with the spec's image resolution (model.processor)
-        self.adapter = load_adapter(model_path, adapter=adapter,
-                                    options=LoadOptions(processor=processor_options(processor)))
-        self.names = skeleton(model_path)  # meta-device twin: maps training names to checkpoint names
+        self.adapter = load_adapter(model_path, adapter=adapter, options=LoadOptions(
+            processor=processor_options(processor), trust_remote_code=trust_remote_code))
+        self.names = skeleton(model_path, trust_remote_code)  # meta-device twin: training -> checkpoint names
         self.sleep_mode = sleep_mode and torch.cuda.is_available()
-        self.llm = LLM(model=model_path, dtype=dtype, seed=seed, **vllm_options(
+        self.llm = LLM(model=model_path, dtype=dtype, seed=seed, trust_remote_code=trust_remote_code, **vllm_options(
             torch.cuda.is_available(), max_model_len, tensor_parallel_size, gpu_memory_utilization, sleep_mode,
             processor))
 
@@ -475,7 +476,7 @@ def with_completion(prompt, token_ids: list[int]):
 def make_engine(kind: str, model_path: str, **options):
     if kind == "transformers":
         return TransformersEngine(model_path, options.get("adapter"), options.get("dtype", "float32"),
-                                  options.get("processor"))
+                                  options.get("processor"), options.get("trust_remote_code", False))
     if kind == "vllm":
         return VLLMEngine(model_path, **options)
     raise ValueError(f"rollout engine {kind!r} must be 'vllm' or 'transformers'")

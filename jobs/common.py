@@ -100,7 +100,8 @@ def prepare_data(spec: JobSpec, run_dir: pathlib.Path, resources: PipelineResour
                               image_overflow=data.image_overflow,
                               max_pixels=data.max_pixels, ddpo_gamma=spec.algorithm.ddpo_gamma,
                               corrupt_keep=spec.algorithm.mdpo.keep if spec.algorithm.mdpo else None,
-                              processor=tuple(sorted(spec.model.processor.items())))
+                              processor=tuple(sorted(spec.model.processor.items())),
+                              trust_remote_code=spec.model.trust_remote_code)
     train_counts = raising_bad_records(count_records, train)
     held_out_counts = raising_bad_records(count_records, held_out) if held_out is not None else []
     return JobData(train, train_counts, held_out, held_out_counts, settings, sink, seed, data.shuffle_window,

@@ -203,7 +203,8 @@ class OnlineJob:
             self.critic = ActorGroup(CriticWorker, spec.resources.critic, name="critic",
                                      args=(spec.model, online.critic, spec.trainer, updates), share=share("critic"),
                                      connect=False)
-        kwargs = {"dtype": spec.model.dtype, "processor": dict(spec.model.processor)}
+        kwargs = {"dtype": spec.model.dtype, "processor": dict(spec.model.processor), "adapter": spec.model.adapter,
+                  "trust_remote_code": spec.model.trust_remote_code}
         if online.engine == "vllm":
             kwargs |= {"max_model_len": online.max_model_len, "sleep_mode": bool(spec.resources.rollout.colocate),
                        "tensor_parallel_size": online.tensor_parallel_size,

@@ -232,7 +232,8 @@ def token_lengths(spec: JobSpec, limit: int) -> dict | None:
     logging.getLogger("ray.data").setLevel(logging.WARNING)
     settings = EncodeSettings(model_path=spec.model.path, task="prompt" if online else TASK_OF[spec.algorithm.name],
                               adapter=spec.model.adapter, image_root=spec.data.image_root,
-                              max_pixels=spec.data.max_pixels, processor=tuple(sorted(spec.model.processor.items())))
+                              max_pixels=spec.data.max_pixels, processor=tuple(sorted(spec.model.processor.items())),
+                              trust_remote_code=spec.model.trust_remote_code)
     sink = BadRows("skip", start_ledger("skip", None))  # unreadable rows: `vlrlhf data check` says why
     source = RecordSource(tuple(expand_sources(spec.data.train)), spec.data.format, dict(spec.data.format_options),
                           sink=sink)

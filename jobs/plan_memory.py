@@ -30,9 +30,9 @@ class RoleMemory:
         return sum(self.parts.values())
 
 
-def shape_of(path: str):
+def shape_of(path: str, trust_remote_code: bool = False):
     folder = pathlib.Path(path)
-    return model_shape(path) if (folder / "config.json").is_file() else None
+    return model_shape(path, trust_remote_code) if (folder / "config.json").is_file() else None
 
 
 def row_tokens(spec: JobSpec, measured: dict | None) -> int:
@@ -49,7 +49,7 @@ def role_memory(spec: JobSpec, measured: dict | None = None) -> tuple[list[RoleM
     if not any(getattr(spec.resources, role).gpus > 0 for role in ("policy", "reference", "rollout", "reward",
                                                                    "critic")):
         return [], None
-    shape = shape_of(spec.model.path)
+    shape = shape_of(spec.model.path, spec.model.trust_remote_code)
     if shape is None:
         return [], f"no config.json at model.path={spec.model.path}"
     model, trainer, resources = spec.model, spec.trainer, spec.resources
@@ -117,7 +117,7 @@ def memory_report(spec: JobSpec, measured: dict | None = None) -> tuple[list[str
         problems.append(f"resources.policy: {shared:.1f} GiB per GPU{guests} exceeds {budget:g} GiB; fixes: {FIXES}")
     problems += [f"resources.{r.role}: {r.total:.1f} GiB per GPU exceeds {budget:g} GiB"
                  for r in roles if not r.colocated and r.role != "policy" and r.total > budget * max(r.gpus, 1)]
-    shape = shape_of(spec.model.path)
+    shape = shape_of(spec.model.path, spec.model.trust_remote_code)
     rollout = next((r for r in roles if r.role == "rollout" and spec.online.engine == "vllm"), None)
     if rollout is not None and shape is not None:
         kv = kv_cache_tokens(shape, spec.model.dtype, budget * GIB, spec.online.gpu_memory_utilization)

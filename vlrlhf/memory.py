@@ -54,13 +54,13 @@ class Shape:
         return sum(rank * (fan_in + fan_out) for fan_in, fan_out in self.lora_shapes)
 
 
-def model_shape(path: str) -> Shape:
+def model_shape(path: str, trust_remote_code: bool = False) -> Shape:
     """Counted on the meta device from the checkpoint's config.json: no weights are read."""
     import torch
 
     from vlrlhf.models.weights import skeleton
 
-    model = skeleton(path)
+    model = skeleton(path, trust_remote_code)
     text = model.config.get_text_config()
     heads = text.num_attention_heads
     head_dim = getattr(text, "head_dim", None) or text.hidden_size // heads

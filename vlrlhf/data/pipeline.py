@@ -60,6 +60,7 @@ class EncodeSettings:
     ddpo_gamma: float | None = None  # DDPO: weight of corrected answer tokens (RLHF-V: 5)
     corrupt_keep: tuple[float, float] | None = None  # mDPO: area kept by the corrupting crop
     processor: tuple[tuple[str, object], ...] = ()  # model.processor options (image resolution)
+    trust_remote_code: bool = False  # model.trust_remote_code: the checkpoint's own processor code
 
 
 @dataclasses.dataclass
@@ -192,13 +193,14 @@ _ADAPTERS: dict = {}
 def cached_adapter(settings: EncodeSettings):
     """One adapter per worker process and checkpoint: Ray reuses warm workers, so the
     processor is loaded once, not per batch."""
-    key = (settings.model_path, settings.adapter, repr(settings.processor))
+    key = (settings.model_path, settings.adapter, repr(settings.processor), settings.trust_remote_code)
     if key not in _ADAPTERS:
         from vlrlhf.models.base import LoadOptions
         from vlrlhf.models.registry import load_adapter
 
         _ADAPTERS[key] = load_adapter(settings.model_path, adapter=settings.adapter,
-                                      options=LoadOptions(processor=settings.processor))
+                                      options=LoadOptions(processor=settings.processor,
+                                                          trust_remote_code=settings.trust_remote_code))
     return _ADAPTERS[key]
 
 

@@ -15,13 +15,13 @@ HUB_RENAMES = {model_type: ("vision_tower.", "vision_tower.vision_model.")
                for model_type in ("llava", "llava_next", "llava_onevision", "paligemma", "gemma3")}
 
 
-def skeleton(model_path: str):
+def skeleton(model_path: str, trust_remote_code: bool = False):
     """The model's module tree on the meta device (no memory): enough to know its names."""
     from transformers import AutoConfig, AutoModelForImageTextToText
 
-    config = AutoConfig.from_pretrained(model_path)
+    config = AutoConfig.from_pretrained(model_path, trust_remote_code=trust_remote_code)
     with torch.device("meta"):
-        return AutoModelForImageTextToText.from_config(config)
+        return AutoModelForImageTextToText.from_config(config, trust_remote_code=trust_remote_code)
 
 
 def to_checkpoint_names(model, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
