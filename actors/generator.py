@@ -46,9 +46,10 @@ def user_turn(prompt: str, num_images: int) -> list[dict]:
 
 class Generator:
     def __init__(self, model_path: str, adapter: str | None = None, dtype: str = "float32",
-                 max_new_tokens: int = 64, micro_batch_size: int = 16):
+                 max_new_tokens: int = 64, micro_batch_size: int = 16, trust_remote_code: bool = False):
         torch.manual_seed(0)
-        self.adapter, self.model = load_for_inference(model_path, adapter, LoadOptions(dtype=dtype))
+        self.adapter, self.model = load_for_inference(model_path, adapter,
+                                                      LoadOptions(dtype=dtype, trust_remote_code=trust_remote_code))
         self.max_new_tokens, self.micro_batch_size = max_new_tokens, micro_batch_size
         self.device = next(self.model.parameters()).device
 

@@ -25,14 +25,15 @@ from vlrlhf.models.value_head import has_head, last_token_scores, load_head
 
 
 class RewardModelWorker(WorkerBase):
-    def __init__(self, path: str, dtype: str = "float32", micro_batch_size: int = 8):
+    def __init__(self, path: str, dtype: str = "float32", micro_batch_size: int = 8, trust_remote_code: bool = False):
         if not has_head(path):
             raise FileNotFoundError(f"reward model {path}: no value_head.safetensors; train one with "
                                     "algorithm.name=reward")
         from actors.generator import load_for_inference
 
         self.device = device()  # a full checkpoint, or LoRA adapters (algorithm.name=reward with model.lora) merged
-        self.adapter, self.model = load_for_inference(path, options=LoadOptions(dtype=dtype))
+        self.adapter, self.model = load_for_inference(path, options=LoadOptions(dtype=dtype,
+                                                                                trust_remote_code=trust_remote_code))
         self.model = self.model.to(self.device)
         self.head = load_head(path).to(self.device).eval()
         self.micro_batch_size = micro_batch_size

@@ -41,7 +41,8 @@ def generate_all(spec: EvalSpec, requests: dict[str, tuple[str, list[bytes]]]) -
         return {}
     rows = [{"key": key, "prompt": prompt, "images": images} for key, (prompt, images) in requests.items()]
     settings = {"model_path": spec.model.path, "adapter": spec.model.adapter, "dtype": spec.model.dtype,
-                "max_new_tokens": spec.generation.max_new_tokens, "micro_batch_size": spec.generation.batch_size}
+                "max_new_tokens": spec.generation.max_new_tokens, "micro_batch_size": spec.generation.batch_size,
+                "trust_remote_code": spec.model.trust_remote_code}
     if spec.resources.num_workers == 0:
         generator, out = Generator(**settings), {}
         for start in range(0, len(rows), spec.generation.batch_size):

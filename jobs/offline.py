@@ -30,6 +30,7 @@ from tqdm import tqdm
 
 from actors.group import ActorGroup
 from actors.policy import PolicyWorker
+from jobs.benchmarks import due, run_benchmarks, step_output
 from jobs.checkpoints import open_checkpoints, resume_from
 from jobs.recovery import report_restart
 from jobs.common import (ORDER, Tracker, check_order, colocation_reserve, pipeline_budget, plot_curves, prepare_data,
@@ -181,8 +182,16 @@ class OfflineJob:
         if every and self.step % every == 0 and self.step < self.total_steps:
             values.update(self.evaluate())
         self.tracker.log(self.step, values)
-        if self.checkpoints.due(self.step, self.spec.checkpoint) and self.step < self.total_steps:
+        saved = self.checkpoints.due(self.step, self.spec.checkpoint) and self.step < self.total_steps
+        if saved:
             self.save()
+        if due(self.spec, self.step, self.total_steps):  # evaluation.every_steps: on this step's checkpoint
+            if not saved:
+                self.save()
+            scores = run_benchmarks(self.spec, str(self.checkpoints.local_path(self.step)),
+                                    step_output(self.run_dir, self.step))
+            self.tracker.log(self.step, scores)
+            values.update(scores)
         return values
 
     def evaluate(self) -> dict:

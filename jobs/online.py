@@ -57,6 +57,7 @@ from actors.reward import RewardModelWorker
 from actors.rollout import RolloutResult, RolloutWorker, Sample, Sampling, collect_rollout, start_rollout
 from actors.storage import is_uri, open_uri, write_folder
 from actors.weight_sync import sync_weights
+from jobs.benchmarks import due, run_benchmarks, step_output
 from jobs.checkpoints import open_checkpoints, resume_from
 from jobs.recovery import report_restart
 from jobs.sampling import informative, merged, merged_metrics, selected
@@ -198,7 +199,8 @@ class OnlineJob:
         if online.reward_model is not None:
             self.reward_model = ActorGroup(RewardModelWorker, spec.resources.reward, name="reward",
                                            args=(online.reward_model.path, spec.model.dtype,
-                                                 spec.trainer.micro_batch_size), share=share("reward"), connect=False)
+                                                 spec.trainer.micro_batch_size, spec.model.trust_remote_code),
+                                           share=share("reward"), connect=False)
         if self.name == "ppo":
             self.critic = ActorGroup(CriticWorker, spec.resources.critic, name="critic",
                                      args=(spec.model, online.critic, spec.trainer, updates), share=share("critic"),
@@ -254,8 +256,15 @@ class OnlineJob:
             timings["data_wait_s"] = self.stream.rows.waited()  # for this step's and the next step's prompts
             last = self.train_step(result, timings, progress)
             report_restart(self)
-            if more and self.checkpoints.due(self.step, self.spec.checkpoint):
+            saved = more and self.checkpoints.due(self.step, self.spec.checkpoint)
+            if saved:
                 self.checkpoints.save(self.step, functools.partial(self.save, pending=pending))
+            if due(self.spec, self.step, self.total_steps):  # evaluation.every_steps: on this step's checkpoint
+                if not saved:
+                    self.checkpoints.save(self.step, functools.partial(self.save, pending=pending))
+                scores = run_benchmarks(self.spec, str(self.checkpoints.local_path(self.step)),
+                                        step_output(self.run_dir, self.step))
+                self.tracker.log(self.step, scores)
             if more and not self.online.async_rollout:
                 pending = self.submit(self.next_prompts())
         progress.close()

@@ -135,12 +135,7 @@ def run_job(spec_path: str, overrides: list[str], run_dir: str | None = None) ->
         print(f"vlrlhf: error: {error}", file=sys.stderr)
         return 2
     if spec.evaluation is not None:  # benchmarks on the final checkpoint
-        from jobs.evaluate import run_eval
-        from vlrlhf.eval.spec import EvalSpec
+        from jobs.benchmarks import run_benchmarks
 
-        evaluation = spec.evaluation
-        run_eval(EvalSpec(name=f"{spec.name}-eval", model=spec.model.model_copy(
-            update={"path": summary["local_checkpoint"], "lora": None}), benchmarks=evaluation.benchmarks,
-            data=evaluation.data, limit=evaluation.limit, generation={"max_new_tokens": evaluation.max_new_tokens},
-            judge=evaluation.judge, rules=evaluation.rules, output=str(folder / "eval")))
+        run_benchmarks(spec, summary["local_checkpoint"], folder / "eval")
     return 0

@@ -333,7 +333,8 @@ class TrackingSpec(Section):
 
 
 class EvaluationSpec(Section):
-    """Benchmarks to run on the final checkpoint (see docs/evaluation.md)."""
+    """Benchmarks to run on the final checkpoint and, with every_steps, during training
+    (see docs/evaluation.md)."""
 
     benchmarks: list[str]
     data: str  # a folder of VLMEvalKit TSVs
@@ -341,6 +342,12 @@ class EvaluationSpec(Section):
     max_new_tokens: int = Field(64, gt=0)
     judge: dict[str, Any] | None = None  # the eval spec's judge section
     rules: Literal["official", "vlmevalkit"] = "official"  # scoring rules (docs/evaluation.md)
+    # also every N steps, on that step's checkpoint, logged as bench/<name> beside the training
+    # metrics (jobs.benchmarks); the step's checkpoint is written for it if checkpoint.every is not due
+    every_steps: int | None = Field(None, gt=0)
+    # the generator actors (Ray Data); num_workers 0 generates in the driver, which needs no
+    # free CPU or GPU while the training roles hold theirs
+    resources: GroupSpec = GroupSpec(num_workers=1)
 
     @field_validator("benchmarks")
     @classmethod

@@ -9,6 +9,7 @@ import pathlib
 import pytest
 import torch
 
+from actors.common import load_state_file
 from actors.rollout import Sample, Sampling, TransformersEngine
 from vlrlhf.rows import Row, collate_rl, rl_example
 from jobs.run import run_job
@@ -66,8 +67,17 @@ def test_online_smoke_run(ray_cluster, tmp_path, algorithm):
     run_dir = tmp_path / "run"
     overrides = ["trainer.max_steps=2", f"algorithm.name={algorithm}", f"checkpoint.dir={tmp_path / 'ck'}",
                  "online.prompts_per_step=4"]
+    if algorithm == "grpo":  # benchmarks during training: after step 1, on its checkpoint, in the driver
+        overrides.append(f"evaluation={{benchmarks: [shapes], data: {ROOT / 'data' / 'shapes'}, limit: 12, "
+                         "max_new_tokens: 6, every_steps: 1, resources: {num_workers: 0}}")
     assert run_job(str(ROOT / "configs" / "demo_grpo.yaml"), overrides, run_dir=str(run_dir)) == 0
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    if algorithm == "grpo":
+        (logged,) = [row for row in rows if "bench/shapes" in row]
+        scores = json.loads((run_dir / "eval" / "step-000001" / "scores.json").read_text())["benchmarks"]["shapes"]
+        assert logged["step"] == 1 and logged["bench/shapes"] == scores["metrics"][scores["headline"]]
+        assert scores["counts"]["items"] == 12 and (tmp_path / "ck" / "step-000001").is_dir()
+        assert (run_dir / "eval" / "scores.json").is_file()  # and the final checkpoint's
     steps = [row for row in rows if "train/reward" in row]
     assert [row["step"] for row in steps] == [1, 2]
     assert all(math.isfinite(row["train/reward"]) and row["time/rollout_s"] > 0 for row in steps)
@@ -78,7 +88,7 @@ def test_online_smoke_run(ray_cluster, tmp_path, algorithm):
     # every update scored its rows with the group forward: a prompt's 8 completions in one packed row
     assert all(row["train/packed_share"] == 1.0 for row in steps if "train/loss" in row)
     assert (tmp_path / "ck" / "step-000002" / "model.safetensors").is_file()
-    assert torch.load(tmp_path / "ck" / "step-000002" / "trainer_state.pt", weights_only=False)["step"] == 2
+    assert load_state_file(tmp_path / "ck" / "step-000002" / "trainer_state.pt")["step"] == 2
 
 
 def test_online_section_goes_with_the_online_algorithms():

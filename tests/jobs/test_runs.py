@@ -30,8 +30,8 @@ def test_two_step_smoke_run_of_every_demo_spec(ray_cluster, tmp_path, config):
     # SFT checkpoints to a URI (pyarrow filesystem; s3:// and gs:// take the same path)
     directory = f"file://{tmp_path / 'bucket'}" if config == "demo_sft.yaml" else str(tmp_path / "ck")
     overrides = ["trainer.max_steps=2", f"checkpoint.dir={directory}", "trainer.eval_every=0"]
-    if config == "demo_sft.yaml":
-        overrides.append("evaluation.limit=40")  # its evaluation section, on the first 40 benchmark rows
+    if config == "demo_sft.yaml":  # its evaluation section, on the first 40 benchmark rows, also after step 1
+        overrides += ["evaluation.limit=40", "evaluation.every_steps=1", "evaluation.resources={num_workers: 0}"]
     if config == "demo_dpo.yaml":  # a reference actor colocated on the policy's bundle
         overrides += ["resources.policy.cpus=0.5", "resources.reference={num_workers: 1, cpus: 0.5, colocate: policy}"]
     code = run_job(str(ROOT / "configs" / config), overrides, run_dir=str(run_dir))
@@ -43,8 +43,21 @@ def test_two_step_smoke_run_of_every_demo_spec(ray_cluster, tmp_path, config):
         scores = json.loads((run_dir / "eval" / "scores.json").read_text())
         assert scores["benchmarks"]["shapes"]["counts"]["items"] == 40  # evaluation.limit rows
         remote = RemoteCheckpoints(directory, 2, tmp_path / "download")
-        assert remote.complete() == ["step-000002"]
+        assert remote.complete() == ["step-000001", "step-000002"]  # step 1's written for its benchmarks
         checkpoint = remote.latest()
+        # benchmarks during training: step 1's number is `vlrlhf eval`'s on step 1's checkpoint
+        logged = [row for row in read_metrics(run_dir) if "bench/shapes" in row]
+        assert [row["step"] for row in logged] == [1]
+        at_step = json.loads((run_dir / "eval" / "step-000001" / "scores.json").read_text())["benchmarks"]["shapes"]
+        assert logged[0]["bench/shapes"] == at_step["metrics"][at_step["headline"]]
+        from jobs.evaluate import run_eval
+        from vlrlhf.eval.spec import load_eval_spec
+
+        again = run_eval(load_eval_spec(None, [f"model.path={remote.local_path(1)}", "benchmarks=shapes",
+                                               f"data={ROOT / 'data' / 'shapes'}", "limit=40",
+                                               "generation.max_new_tokens=6", "resources.num_workers=0",
+                                               f"output={tmp_path / 'again'}"]))
+        assert again["benchmarks"]["shapes"]["metrics"] == at_step["metrics"]
     else:
         (checkpoint,) = Checkpoints(directory, 2).complete()
         assert checkpoint.name == "step-000002"
