@@ -13,6 +13,12 @@ from jobs.demo import run_demo
 @pytest.mark.slow
 def test_demo_sft_learns_dpo_removes_the_hallucination_grpo_raises_reward(ray_cluster, tmp_path):
     results = run_demo(tmp_path / "demo", seed=0)
+    import json
+
+    rows = [json.loads(line) for line in (tmp_path / "demo" / "sft" / "metrics.jsonl").read_text().splitlines()]
+    bench = {row["step"]: row["bench/shapes"] for row in rows if "bench/shapes" in row}
+    assert sorted(bench) == [25, 50]  # evaluation.every_steps during SFT (the final model: eval/1)
+    assert all(0.0 <= value <= 100.0 for value in bench.values())
     base, sft, dpo = results["base (random)"], results["after SFT"], results["after DPO"]
     # SFT learns the task, and the captioner's hallucination with it
     assert sft["exact_match"] >= base["exact_match"] + 0.25
