@@ -44,6 +44,7 @@ import time
 import torch
 
 from actors.group import WorkerBase, resolve
+from actors.group_prefill import prefilled
 from actors.weight_sync import receive_broadcast, state_bytes, weight_group
 from vlrlhf.models.base import LoadOptions
 
@@ -97,9 +98,12 @@ class TransformersEngine:
 
     @torch.no_grad()
     def generate(self, requests: list[dict], sampling: Sampling) -> list[Sample]:
+        """n samples per prompt. With n > 1 each prompt's image and prefill run once
+        (actors.group_prefill) where the family allows it (`Adapter.shared_prefill`)."""
         prompts = self.encode(requests)
-        repeated = [p for p in prompts for _ in range(sampling.n)]
-        batch = self.adapter.collate(repeated, padding_side="left").to(self.device)
+        shared = sampling.n > 1 and self.adapter.shared_prefill
+        batch = self.adapter.collate(prompts if shared else [p for p in prompts for _ in range(sampling.n)],
+                                     padding_side="left").to(self.device)
         greedy = sampling.temperature <= 0
         kwargs = {"max_new_tokens": sampling.max_tokens, "do_sample": not greedy,
                   "return_dict_in_generate": True, "output_logits": True}
@@ -110,8 +114,12 @@ class TransformersEngine:
             kwargs["suppress_tokens"] = banned
         if sampling.seed is not None:
             torch.manual_seed(sampling.seed)
-        out = self.model.generate(**self.adapter.model_inputs(batch), **{**self.adapter.generation_defaults(),
-                                                                          **kwargs})
+        if shared:
+            inputs, cache = prefilled(self.adapter, self.model, batch, sampling.n)
+            kwargs["past_key_values"] = cache
+        else:
+            inputs = self.adapter.model_inputs(batch)
+        out = self.model.generate(**inputs, **{**self.adapter.generation_defaults(), **kwargs})
         generated = out.sequences[:, batch.input_ids.shape[1]:]
         logits = torch.stack(out.logits, dim=1).float() / scale(sampling.temperature)  # (B, steps, V)
         logits[..., banned] = float("-inf")  # the distribution the tokens were drawn from

@@ -105,6 +105,9 @@ class Adapter:
     # own rescale_and_normalize, so the model gets the same floats from a quarter of the
     # bytes in the object store, the driver and the host-to-device copy.
     raw_pixels: ClassVar[bool] = False
+    # The transformers rollout engine prefills a prompt once for its n samples and repeats the
+    # KV cache (actors.group_prefill); False where greedy tokens then differ from n prefills.
+    shared_prefill: ClassVar[bool] = True
 
     def __init__(self, processor, config=None, path: str | None = None):
         self.processor = processor

@@ -17,6 +17,7 @@ class InstructBlipAdapter(Adapter):
     supports_multi_image = False
     supports_text_only = False
     scores_every_turn = False  # only the last answer is scored
+    shared_prefill = False  # its generate takes pixel_values on every call, not a prefilled cache
     pair_forward = "packed"  # the Q-Former reads the prompt only, so a pair shares its queries
     raw_pixels = True  # its processor normalises last
     # pixel_values: (B, 3, H, W); qformer_*: (B, Lq) right-padded with 0.

@@ -25,6 +25,7 @@ class PaliGemmaAdapter(Adapter):
     scores_every_turn = False  # only the last answer is scored
     extra_rules = {"pixel_values": "concat"}
     token_arrays = ("token_type_ids",)
+    shared_prefill = False  # its prefix-LM token types: logits 3e-3 off after a shared prefill (measured)
     completion_token_arrays = {"token_type_ids": 1}  # a sampled answer is suffix: causal, like the last answer
     pair_forward = "packed"  # the bidirectional prefix kept in the packed mask (pair_attention)
     raw_pixels = True  # its processor normalises last
