@@ -53,6 +53,7 @@ from actors.critic import CriticWorker
 from actors.group import ActorGroup
 from actors.policy import PolicyWorker
 from actors.reference import ReferenceWorker
+from actors.judge import JudgeWorker
 from actors.reward import RewardModelWorker
 from actors.rollout import RolloutResult, RolloutWorker, Sample, Sampling, collect_rollout, start_rollout
 from actors.storage import is_uri, open_uri, write_folder
@@ -142,12 +143,14 @@ class OnlineJob:
         run_dir.mkdir(parents=True, exist_ok=True)
         online = self.online
         separate_reference = online.kl_coef > 0 and spec.reference.mode != "policy"
-        roles = ("rollout", "reward", "critic") + (("reference",) if separate_reference else ())
+        roles = ("rollout", "reward", "critic", "judge") + (("reference",) if separate_reference else ())
         used = ("policy", "rollout") + (("reference",) if separate_reference else ()) + \
-            (("reward",) if online.reward_model is not None else ()) + (("critic",) if self.name == "ppo" else ())
+            (("reward",) if online.reward_model is not None else ()) + (("critic",) if self.name == "ppo" else ()) + \
+            (("judge",) if local_judge(online) else ())
         resources = pipeline_budget(spec, used)  # the prompt pipeline's CPUs, before anything starts
         self.data = prepare_data(spec, run_dir, resources, held_out=False)
         self.policy = self.reference = self.reward_model = self.critic = self.rollout = self.stream = None
+        self.judge = None
         self.checkpoints = open_checkpoints(spec.checkpoint.dir, spec.checkpoint.keep_last, run_dir / "staging")
         # where the next prompts come from, and how many rollouts were submitted (the seeds)
         self.step, self.epoch, self.after_key, self.submitted = 0, 0, None, 0
@@ -170,7 +173,7 @@ class OnlineJob:
             # (records only: the rollout engines load and encode each step's prompts, once)
             self.stream = Stream(self.data.stream(range(self.epoch, spec.trainer.epochs), self.after_key,
                                                   held_out=False))
-            groups = (self.policy, self.reference, self.reward_model, self.critic, self.rollout)
+            groups = (self.policy, self.reference, self.reward_model, self.critic, self.rollout, self.judge)
             for group in {id(g): g for g in groups if g is not None}.values():
                 group.connect()
         except BaseException:
@@ -201,6 +204,10 @@ class OnlineJob:
                                            args=(online.reward_model.path, spec.model.dtype,
                                                  spec.trainer.micro_batch_size, spec.model.trust_remote_code),
                                            share=share("reward"), connect=False)
+        if local_judge(online):
+            self.judge = ActorGroup(JudgeWorker, spec.resources.judge, name="judge",
+                                    args=(online.judge.model_dump(), spec.model.dtype, spec.model.trust_remote_code),
+                                    share=share("judge"), connect=False)
         if self.name == "ppo":
             self.critic = ActorGroup(CriticWorker, spec.resources.critic, name="critic",
                                      args=(spec.model, online.critic, spec.trainer, updates), share=share("critic"),
@@ -413,7 +420,12 @@ class OnlineJob:
             reference = self.spread(self.reference, "score_rows", prompts, rows)
         if self.critic is not None:
             critic = self.spread(self.critic, "score_rows", prompts, rows)
-        judged = start_judging(self.online.judge, prompts, rows, self.data.settings) if self.online.judge else None
+        judged = None
+        if self.judge is not None:
+            judged = (self.spread(self.judge, "judge_rows", prompts, rows, self.data.settings),
+                      share_sizes(len(rows), self.judge.world_size))
+        elif self.online.judge is not None:
+            judged = start_judging(self.online.judge, prompts, rows, self.data.settings)
         metrics, total = {}, torch.zeros(len(samples))
         if self.rewards is not None:
             result = self.rewards.score([s.text for s in samples], [records[s.request] for s in samples])
@@ -426,7 +438,7 @@ class OnlineJob:
             metrics["train/reward_model"] = float(scored.mean())
             total += self.online.reward_model.weight * scored
         if judged is not None:
-            scores, failed = finish_judging(self.online.judge, judged)
+            scores, failed = finish_judging(self.online.judge, *judged, wait=self.judge is not None)
             metrics["train/judge"] = float(scores.mean())
             metrics["train/judge_failures"] = float(failed)
             total += self.online.judge.weight * scores
@@ -444,7 +456,7 @@ class OnlineJob:
         world, micro = group.world_size, self.spec.trainer.micro_batch_size
         size = -(-len(rows) // world)
         return [group.call(w, method, RowsShare(prompts, rows[w * size:(w + 1) * size], micro), *args)
-                for w in range(world) if rows[w * size:(w + 1) * size]]
+                for w in range(len(share_sizes(len(rows), world)))]
 
     @staticmethod
     def gather(group, calls: list) -> list:
@@ -493,7 +505,7 @@ class OnlineJob:
     def shutdown(self) -> None:
         if self.stream is not None:
             self.stream.close()
-        groups = (self.policy, self.reference, self.rollout, self.reward_model, self.critic)
+        groups = (self.policy, self.reference, self.rollout, self.reward_model, self.critic, self.judge)
         for group in {id(g): g for g in groups if g is not None}.values():
             group.shutdown()
         self.data.close()
@@ -508,17 +520,39 @@ def start_judging(judge, prompts: list, rows: list[Row], settings) -> list:
 
     task = ray.remote(num_cpus=0, max_retries=0)(judge_rows)
     size, options = judge.rows_per_task, judge.model_dump()
-    return [task.remote(RowsShare(prompts, rows[start:start + size], size), settings, options)
-            for start in range(0, len(rows), size)]
+    starts = range(0, len(rows), size)
+    return ([task.remote(RowsShare(prompts, rows[start:start + size], size), settings, options) for start in starts],
+            [len(rows[start:start + size]) for start in starts])
 
 
-def finish_judging(judge, calls: list) -> tuple[torch.Tensor, int]:
-    """(N,) scaled scores, `fallback` where a request failed for good, and how many did."""
+def finish_judging(judge, calls: list, sizes: list[int], wait: bool = False) -> tuple[torch.Tensor, int]:
+    """(N,) scaled scores, `fallback` where a request failed for good, and how many did. `wait`
+    (the judge's actor group): the calls get judge.timeout_s together, from here (the other rewards
+    are in by then); a call past it fails its share of `sizes[i]` rows, the step goes on with
+    fallback scores and the late answer is dropped."""
     import ray
 
-    scores = [score for part in ray.get(calls) for score in part]
+    scores, deadline = [], time.monotonic() + judge.timeout_s
+    for call, size in zip(calls, sizes, strict=True):
+        if not isinstance(call, ray.ObjectRef):  # an in-process judge (resources.judge.num_workers 0)
+            scores += call
+        elif wait and not ray.wait([call], timeout=max(deadline - time.monotonic(), 0.0))[0]:
+            scores += [None] * size
+        else:
+            scores += ray.get(call)
     failed = sum(score is None for score in scores)
     return torch.tensor([judge.fallback if s is None else s for s in scores], dtype=torch.float32), failed
+
+
+def share_sizes(count: int, world: int) -> list[int]:
+    """The sizes of the non-empty contiguous shares `spread` makes of `count` rows."""
+    size = -(-count // world)
+    return [len(range(count)[w * size:(w + 1) * size]) for w in range(world) if range(count)[w * size:(w + 1) * size]]
+
+
+def local_judge(online) -> bool:
+    """The judge is a checkpoint on its own actor group (online.judge.path), not an HTTP server."""
+    return online.judge is not None and online.judge.path is not None
 
 
 def rows_of(samples: list[Sample]) -> list[Row]:

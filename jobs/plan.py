@@ -130,12 +130,14 @@ def offline_groups(spec: JobSpec) -> tuple[list[Group], tuple[str, ...]]:
 def online_groups(spec: JobSpec) -> tuple[list[Group], tuple[str, ...]]:
     online, resources = spec.online, spec.resources
     separate_reference = online.kl_coef > 0 and spec.reference.mode != "policy"
-    guests = ("rollout", "reward", "critic") + (("reference",) if separate_reference else ())
+    guests = ("rollout", "reward", "critic", "judge") + (("reference",) if separate_reference else ())
     groups = [Group("policy", resources.policy.num_workers,
                     group_bundle(resources.policy, colocation_reserve(spec, guests)), resources.policy.placement)]
     roles = ["rollout"] + (["reference"] if separate_reference else []) + \
-        (["reward"] if online.reward_model is not None else []) + (["critic"] if spec.algorithm.name == "ppo" else [])
-    for role in ("reference", "reward", "critic", "rollout"):  # jobs/online.py's order
+        (["reward"] if online.reward_model is not None else []) + \
+        (["judge"] if online.judge is not None and online.judge.path is not None else []) + \
+        (["critic"] if spec.algorithm.name == "ppo" else [])
+    for role in ("reference", "reward", "judge", "critic", "rollout"):  # jobs/online.py's order
         group = getattr(resources, role)
         if role in roles and not group.colocate:
             groups.append(Group(role, group.num_workers, group_bundle(group), group.placement))

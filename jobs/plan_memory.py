@@ -46,7 +46,7 @@ def row_tokens(spec: JobSpec, measured: dict | None) -> int:
 
 def role_memory(spec: JobSpec, measured: dict | None = None) -> tuple[list[RoleMemory], str | None]:
     """GiB per GPU for each role with GPUs; (roles, why not) when config.json is not readable."""
-    if not any(getattr(spec.resources, role).gpus > 0 for role in ("policy", "reference", "rollout", "reward",
+    if not any(getattr(spec.resources, role).gpus > 0 for role in ("policy", "reference", "rollout", "reward", "judge",
                                                                    "critic")):
         return [], None
     shape = shape_of(spec.model.path, spec.model.trust_remote_code)
@@ -76,6 +76,13 @@ def role_memory(spec: JobSpec, measured: dict | None = None) -> tuple[list[RoleM
         if online.reward_model is not None and resources.reward.gpus > 0:
             reward = shape_of(online.reward_model.path) or shape
             others.append(("reward", {"weights": width * reward.total / GIB}))
+        judge = online.judge
+        if judge is not None and judge.path is not None and resources.judge.gpus > 0:
+            if judge.engine == "vllm":
+                others.append(("judge", {"vLLM (weights and KV cache)": judge.gpu_memory_utilization *
+                                         gpu_memory_gb(spec)}))
+            else:
+                others.append(("judge", {"weights": width * (shape_of(judge.path) or shape).total / GIB}))
         if spec.algorithm.name == "ppo" and resources.critic.gpus > 0:
             critic = online.critic
             states = training_states(shape, model.dtype, critic.lora.r if critic.lora else None, model.freeze_vision)

@@ -166,23 +166,32 @@ class RewardModelSpec(Section):
 
 
 class JudgeRewardSpec(Section):
-    """A VLM judge over an OpenAI-compatible API, shown each prompt's images (vlrlhf.rewards.judge)."""
+    """A VLM judge shown each prompt's images (vlrlhf.rewards.judge): an OpenAI-compatible API
+    (base_url + model), or a checkpoint (path) served by its own actor group (resources.judge)."""
 
-    base_url: str
-    model: str
+    base_url: str | None = None
+    model: str | None = None  # the served model's name (base_url)
+    path: str | None = None  # a local VLM checkpoint, hosted by resources.judge (actors/judge.py)
+    engine: Literal["transformers", "vllm"] = "transformers"  # path: the judge's engine
+    # path: generate a greedy reply and read 'Score: N' from it; expected: the probability-weighted
+    # mean of the score tokens after "Score:" (one forward, never unparseable; transformers engine)
+    scoring: Literal["generate", "expected"] = "generate"
     api_key_env: str | None = None  # the variable's name, never the key
     weight: float = 1.0
     rubric: str = JUDGE_RUBRIC
     min_score: float = 0.0
     max_score: float = 10.0
     fallback: float = Field(0.0, ge=0, le=1)  # the scaled score of a sample whose request failed for good
-    timeout_s: float = Field(60.0, gt=0)
+    timeout_s: float = Field(60.0, gt=0)  # HTTP: per request; path: per worker call (a step's share)
     retries: int = Field(2, ge=0)
     backoff_s: float = Field(1.0, ge=0)
     concurrency: int = Field(8, gt=0)  # requests in flight per task
     max_tokens: int = Field(256, gt=0)
     cache: str | None = None  # a JSONL file of replies (per node)
     rows_per_task: int = Field(64, gt=0)
+    micro_batch_size: int = Field(8, gt=0)  # path: requests per forward
+    max_model_len: int = Field(4096, gt=0)  # path with engine vllm
+    gpu_memory_utilization: float = Field(0.85, gt=0, le=1)  # path with engine vllm
 
     @model_validator(mode="after")
     def _range(self):
@@ -191,6 +200,17 @@ class JudgeRewardSpec(Section):
         for field in ("question", "completion"):
             if "{" + field + "}" not in self.rubric:
                 raise ValueError(f"online.judge.rubric must contain {{{field}}}")
+        if (self.base_url is None) == (self.path is None):
+            raise ValueError("online.judge needs either base_url (an OpenAI-compatible server, with model) or "
+                             "path (a checkpoint served by resources.judge), not both")
+        if self.base_url is not None and self.model is None:
+            raise ValueError("online.judge.base_url needs model (the served model's name)")
+        if self.scoring == "expected" and (self.path is None or self.engine != "transformers"):
+            raise ValueError("online.judge.scoring=expected reads the score tokens' probabilities: it needs path "
+                             "with engine transformers")
+        if self.scoring == "expected" and not (float(self.min_score).is_integer() and
+                                               float(self.max_score).is_integer()):
+            raise ValueError("online.judge.scoring=expected needs whole min_score and max_score (the score tokens)")
         return self
 
 
@@ -227,7 +247,7 @@ class OnlineSpec(Section):
     prompts_per_step: int = Field(8, gt=0)
     rewards: list[RewardTermSpec] = []  # rule functions, weighted; and/or a reward model
     reward_model: RewardModelSpec | None = None
-    judge: JudgeRewardSpec | None = None  # a VLM judge that sees the images, over HTTP
+    judge: JudgeRewardSpec | None = None  # a VLM judge that sees the images (HTTP or an actor group)
     clip_low: float = Field(0.2, ge=0)
     clip_high: float = Field(0.2, ge=0)  # > clip_low: DAPO's clip-higher
     # sequence: GSPO's one ratio per completion (geometric mean of its tokens'), clipped whole;
@@ -272,6 +292,7 @@ class ResourcesSpec(Section):
     rollout: GroupSpec = GroupSpec(num_workers=0)
     reward: GroupSpec = GroupSpec(num_workers=0)  # the reward model (online.reward_model)
     critic: GroupSpec = GroupSpec(num_workers=0)  # ppo
+    judge: GroupSpec = GroupSpec()  # online.judge.path's engines (0: in the driver)
     # memory per GPU the plan checks the roles against (vlrlhf plan; jobs.plan_memory); None: 80
     gpu_memory_gb: float | None = Field(None, gt=0)
 
@@ -391,7 +412,7 @@ class JobSpec(Section):
             # so micro-batches of any size work; one pair in a step is no estimate.
             raise ValueError("algorithm.name=kto needs trainer.batch_size >= 2 (KTO's KL reference point is a "
                              "mean over the step's mismatched pairs)")
-        for role in ("reference", "rollout", "reward", "critic"):
+        for role in ("reference", "rollout", "reward", "critic", "judge"):
             group = getattr(self.resources, role)
             if group.colocate and (group.num_workers != self.resources.policy.num_workers or group.num_workers == 0):
                 raise ValueError(f"resources.{role}.colocate=policy needs num_workers equal to "
@@ -468,6 +489,18 @@ def _resolve(path: str | None, base: pathlib.Path) -> str | None:
     return str((base / path).resolve())
 
 
+def _tiny(path: str) -> str:
+    """'tiny:<family>': a tiny random checkpoint, built on first use (demos, tests)."""
+    if not path.startswith("tiny:"):
+        return path
+    from vlrlhf.models.tiny import ensure_tiny_model
+
+    try:
+        return str(ensure_tiny_model(path))
+    except ValueError as error:
+        raise SpecError(str(error)) from None
+
+
 def load_spec(path: str | pathlib.Path, overrides: list[str] = ()) -> JobSpec:
     """Read, override and validate a spec; paths become absolute (relative to the file)."""
     spec_path = pathlib.Path(path)
@@ -500,14 +533,7 @@ def load_spec(path: str | pathlib.Path, overrides: list[str] = ()) -> JobSpec:
         (overrides) against the working directory, as a shell user expects."""
         return pathlib.Path.cwd() if key in given or key.rsplit(".", 1)[0] in given else here
 
-    if spec.model.path.startswith("tiny:"):  # a tiny random checkpoint, built on first use (demos, tests)
-        from vlrlhf.models.tiny import ensure_tiny_model
-
-        try:
-            spec.model.path = str(ensure_tiny_model(spec.model.path))
-        except ValueError as error:
-            raise SpecError(str(error)) from None
-    spec.model.path = _resolve(spec.model.path, base_for("model.path"))
+    spec.model.path = _resolve(_tiny(spec.model.path), base_for("model.path"))
     spec.data.train = [_resolve(p, base_for("data.train")) for p in spec.data.train]
     spec.data.eval = [_resolve(p, base_for("data.eval")) for p in spec.data.eval]
     spec.data.image_root = _resolve(spec.data.image_root, base_for("data.image_root")) or str(
@@ -518,6 +544,8 @@ def load_spec(path: str | pathlib.Path, overrides: list[str] = ()) -> JobSpec:
             spec.online.reward_model.path = _resolve(spec.online.reward_model.path,
                                                      base_for("online.reward_model.path"))
         spec.online.critic.path = _resolve(spec.online.critic.path, base_for("online.critic.path"))
+        if spec.online.judge is not None and spec.online.judge.path is not None:
+            spec.online.judge.path = _resolve(_tiny(spec.online.judge.path), base_for("online.judge.path"))
     spec.checkpoint.dir = _resolve(spec.checkpoint.dir, pathlib.Path.cwd())
     if spec.evaluation is not None:
         spec.evaluation.data = _resolve(spec.evaluation.data, base_for("evaluation.data"))

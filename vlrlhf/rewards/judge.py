@@ -1,4 +1,6 @@
-"""A judge reward that sees the image: an OpenAI-compatible VLM endpoint grades each completion.
+"""A judge reward that sees the image: an OpenAI-compatible VLM endpoint grades each completion
+(or a checkpoint on the job's own actor group, `online.judge.path`: actors/judge.py, which builds
+the same requests with `judge_inputs`).
 
     online:
       judge: {base_url: http://judge:8000/v1, model: Qwen2.5-VL-72B-Instruct, weight: 1.0,
@@ -49,11 +51,14 @@ def data_url(image) -> str:
     return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
 
 
-def request_content(rubric: str, question: str, reference: str | None, completion: str, images: list,
-                    low: float, high: float) -> list[dict]:
-    """The user turn's content parts: the images first, then the filled rubric."""
-    text = rubric.format(question=question, reference=reference if reference is not None else "(none)",
+def rubric_text(rubric: str, question: str, reference: str | None, completion: str, low: float,
+                high: float) -> str:
+    return rubric.format(question=question, reference=reference if reference is not None else "(none)",
                          completion=completion, min_score=f"{low:g}", max_score=f"{high:g}")
+
+
+def request_content(text: str, images: list) -> list[dict]:
+    """An OpenAI user turn's content parts: the images first, then the filled rubric."""
     return [{"type": "image_url", "image_url": {"url": data_url(image)}} for image in images] + \
         [{"type": "text", "text": text}]
 
@@ -63,24 +68,31 @@ def question_of(record) -> str:
     return "\n".join(m.content.replace("<image>", "").strip() for m in record.prompt if m.role == "user").strip()
 
 
-def judge_rows(share, settings, spec: dict) -> list[float | None]:
-    """Scores in [0, 1] (None: the request failed for good) of a RowsShare's rows: runs where
-    the step's prompts can be fetched (a Ray task), loads each prompt's images once."""
+def judge_inputs(share, settings, spec: dict) -> list[tuple[list, str]]:
+    """(images, filled rubric) of each row of a RowsShare: where the step's prompts can be fetched
+    (a Ray task or the judge's worker); each prompt's images are loaded once."""
     from vlrlhf.data.images import load_image
-    from vlrlhf.eval.judge import HTTPJudge, JudgeSpec
     from vlrlhf.rows import step_prompts
 
     records = [item.record for item in step_prompts(share.prompts)]
-    low, high = spec["min_score"], spec["max_score"]
-    images = {}
-    contents = []
+    images, out = {}, []
     for row in share.rows:
         record = records[row.request]
         if row.request not in images:
             images[row.request] = [load_image(source, image_root=settings.image_root,
                                               max_pixels=settings.max_pixels) for source in record.images]
-        contents.append(request_content(spec["rubric"], question_of(record), record.answer, row.text,
-                                        images[row.request], low, high))
+        out.append((images[row.request], rubric_text(spec["rubric"], question_of(record), record.answer, row.text,
+                                                     spec["min_score"], spec["max_score"])))
+    return out
+
+
+def judge_rows(share, settings, spec: dict) -> list[float | None]:
+    """Scores in [0, 1] (None: the request failed for good) of a RowsShare's rows, from the
+    HTTP judge (runs in a Ray task)."""
+    from vlrlhf.eval.judge import HTTPJudge, JudgeSpec
+
+    low, high = spec["min_score"], spec["max_score"]
+    contents = [request_content(text, images) for images, text in judge_inputs(share, settings, spec)]
     client = HTTPJudge(JudgeSpec(**{k: spec[k] for k in ("base_url", "model", "api_key_env", "timeout_s", "retries",
                                                          "backoff_s", "concurrency", "max_tokens", "cache")}))
     return client.ask_many(contents, lambda reply: parse_score(reply, low, high))
