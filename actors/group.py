@@ -101,6 +101,21 @@ class WorkerBase:
 
         return {"pid": os.getpid(), "node": ray.get_runtime_context().get_node_id()}
 
+    def heap(self, top: int = 8) -> list[str]:
+        """Python allocations grown since the first call (which starts tracemalloc, 12 frames):
+        the `top` tracebacks by growth, innermost frame last. For soak runs (benchmarks/soak.py
+        --trace); tracing slows the worker's Python allocations."""
+        import tracemalloc
+
+        if not tracemalloc.is_tracing():
+            tracemalloc.start(12)
+            self._heap_base = tracemalloc.take_snapshot()
+            return []
+        grown = tracemalloc.take_snapshot().compare_to(self._heap_base, "traceback")
+        return [f"{stat.size_diff / 1024:+.1f} KiB, {stat.count_diff:+d} blocks: " +
+                " <- ".join(f"{frame.filename.rsplit('/', 2)[-1]}:{frame.lineno}" for frame in
+                            reversed(stat.traceback)) for stat in grown[:top]]
+
     def write_checkpoint(self, destination: str, *args) -> dict:
         """`self.save(folder, *args)` into a folder on this node, then to `destination` (a URI,
         uploaded from here; or a shared path, written in place). Returns what was written."""

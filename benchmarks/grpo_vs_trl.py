@@ -25,6 +25,7 @@ import argparse
 import json
 import os
 import pathlib
+import resource
 import statistics
 import subprocess
 import sys
@@ -171,7 +172,9 @@ def run_trl(model: pathlib.Path, work: pathlib.Path, args) -> dict:
 def child(args) -> None:
     work = pathlib.Path(tempfile.mkdtemp(prefix=f"{args.side}-", dir=args.work))
     runner = run_trl if args.side == "trl" else run_vlrlhf
-    print("RESULT " + json.dumps(runner(pathlib.Path(args.model_dir), work, args)), flush=True)
+    result = runner(pathlib.Path(args.model_dir), work, args)
+    result["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # the driver (kB on Linux)
+    print("RESULT " + json.dumps(result), flush=True)
 
 
 def main() -> None:
@@ -205,14 +208,14 @@ def main() -> None:
                 sys.exit(f"{side} run failed:\n{out.stdout[-3000:]}\n{out.stderr[-3000:]}")
             results[side].append(json.loads(lines[-1][len("RESULT "):]))
             print(f"  {side:7s} {results[side][-1]}", flush=True)
-    keys = ("prompts_per_s", "tokens_per_s", "prompts_per_cpu_s", "tokens_per_cpu_s", "mean_length")
+    keys = ("prompts_per_s", "tokens_per_s", "prompts_per_cpu_s", "tokens_per_cpu_s", "mean_length", "peak_rss_mb")
     median = {side: {key: statistics.median(r[key] for r in runs) for key in keys} for side, runs in results.items()}
     print(f"GRPO {args.prompts} prompts x {args.group} samples, <= {args.tokens} tokens, {args.geometry} geometry, "
           f"medians of {args.rounds} runs each:")
     for side, m in median.items():
         print(f"  {side:7s} {m['prompts_per_s']:.2f} prompts/s, {m['tokens_per_s']:.0f} tokens/s (wall); "
               f"{m['prompts_per_cpu_s']:.2f} prompts/CPU-s, {m['tokens_per_cpu_s']:.0f} tokens/CPU-s; "
-              f"mean length {m['mean_length']:.1f}")
+              f"mean length {m['mean_length']:.1f}; peak RSS {m['peak_rss_mb']:.0f} MB (the side's main process)")
     for side in (s for s in args.sides if s.startswith("vlrlhf")):
         split = {key: statistics.median(r[key] for r in results[side]) for key in ("rollout_s", "score_s", "train_s")}
         print(f"  {side} step split (median s): " + ", ".join(f"{k} {v:.2f}" for k, v in split.items()))

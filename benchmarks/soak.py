@@ -74,7 +74,13 @@ def sample(me, step: int, samples: list) -> None:
     samples.append({"step": step, "time": time.time(), "rss_mb": rss, "object_store_mb": object_store_mb()})
 
 
-def measure(kind: str, steps: int, every: int, extra: list[str]) -> dict:
+def traced(job) -> list:
+    """The job's actor groups whose Python heap --trace follows."""
+    names = ("policy", "rollout") if hasattr(job, "rollout") else ("policy",)
+    return [g for g in (getattr(job, name, None) for name in names) if g is not None and g.local is None]
+
+
+def measure(kind: str, steps: int, every: int, extra: list[str], trace: bool = False) -> dict:
     """One run in this process; a sample every `every` steps, taken by the job's own loop."""
     import psutil
 
@@ -100,6 +106,9 @@ def measure(kind: str, steps: int, every: int, extra: list[str]) -> dict:
         result = original(self, *args, **kwargs)
         if self.step % every == 0 or self.step == 1:
             sample(me, self.step, samples)
+            if trace and self.step > 1:  # the first call starts tracing: growth is counted from there
+                samples[-1]["heap"] = {group.name: group.get(group.broadcast("heap"))
+                                       for group in traced(self)}
         return result
 
     job_class.train_step = train_step
@@ -140,11 +149,18 @@ def report(result: dict) -> bool:
         middle = min(points, key=lambda p: abs(p[0] - half))[1]
         print(f"{name[:43]:<44}{points[0][1]:>10.1f}{middle:>11.1f}{points[-1][1]:>10.1f}{rate:>14.3f}")
     print(f"every process flat (< {FLAT_MB_PER_100} MB per 100 steps over the second half): {flat}")
+    heaps = [s for s in samples if s.get("heap")]
+    if heaps:
+        print(f"Python allocations grown between steps {heaps[0]['step']} and {heaps[-1]['step']} (tracemalloc):")
+        for group, workers in heaps[-1]["heap"].items():
+            for rank, lines in enumerate(workers):
+                print(f"  {group} worker {rank}:" + "".join(f"\n    {line}" for line in lines))
     return flat
 
 
-def in_fresh_process(kind: str, steps: int, every: int, extra: list[str]) -> dict:
-    done = subprocess.run([sys.executable, __file__, "_run", kind, str(steps), str(every), *extra], capture_output=True,
+def in_fresh_process(kind: str, steps: int, every: int, extra: list[str], trace: bool = False) -> dict:
+    done = subprocess.run([sys.executable, __file__, "_run", kind, str(steps), str(every), str(int(trace)), *extra],
+                          capture_output=True,
                           text=True, cwd=ROOT, env={**os.environ, **ENV})
     line = [x for x in done.stdout.splitlines() if x.startswith("RESULT ")]
     if not line:
@@ -159,9 +175,12 @@ def main() -> None:
     parser.add_argument("--grpo-steps", type=int, default=1000)
     parser.add_argument("--every", type=int, default=100)
     parser.add_argument("--json", help="also write the samples here")
+    parser.add_argument("--trace", action="store_true",
+                        help="tracemalloc in the policy and rollout workers from the first sample on; prints "
+                             "the Python allocations that grew most by the last sample")
     parser.add_argument("overrides", nargs="*", help="spec overrides for both runs (key=value)")
     args = parser.parse_args()
-    results = [in_fresh_process(kind, steps, args.every, args.overrides)
+    results = [in_fresh_process(kind, steps, args.every, args.overrides, args.trace)
                for kind, steps in (("dpo", args.dpo_steps), ("grpo", args.grpo_steps)) if steps]
     flat = [report(result) for result in results]
     if args.json:
@@ -171,7 +190,7 @@ def main() -> None:
 
 if __name__ == "__main__":
     if len(sys.argv) > 1 and sys.argv[1] == "_run":
-        result = measure(sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), sys.argv[5:])
+        result = measure(sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), sys.argv[6:], bool(int(sys.argv[5])))
         print("RESULT " + json.dumps(result), flush=True)
     else:
         main()

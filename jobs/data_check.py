@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import logging
 import os
 import pathlib
 import pickle
@@ -79,6 +80,15 @@ def token_report(rows: list[dict], limit: int) -> dict:
                          "skip": {"skipped": len(over)}, "raise": {"stops": bool(over)}}}
 
 
+def quiet_ray_data() -> None:
+    """The report is the output: no Ray Data progress bars, plan lines or per-dataset logs."""
+    import ray
+
+    context = ray.data.DataContext.get_current()
+    context.enable_progress_bars = context.print_on_execution_start = False
+    logging.getLogger("ray.data").setLevel(logging.WARNING)
+
+
 def check_data(paths: list[str], data_format: str, *, model_path: str | None, task: str, image_root: str | None,
                max_length: int | None = None, options: dict | None = None, quarantine: str | None = None,
                image_overflow: str = "resize") -> dict:
@@ -91,6 +101,7 @@ def check_data(paths: list[str], data_format: str, *, model_path: str | None, ta
 
     if not ray.is_initialized():  # RAY_ADDRESS joins a cluster; otherwise a local one
         ray.init(address=os.environ.get("RAY_ADDRESS") or "local", include_dashboard=False, logging_level="ERROR")
+    quiet_ray_data()
     quarantine_path = pathlib.Path(quarantine) if quarantine else pathlib.Path(tempfile.mkdtemp()) / "bad.jsonl"
     ledger = start_ledger("skip", quarantine_path)
     sink = BadRows("skip", ledger)

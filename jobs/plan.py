@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import logging
 import os
 import pathlib
 import re
@@ -215,7 +214,7 @@ def token_lengths(spec: JobSpec, limit: int) -> dict | None:
     import ray
 
     from jobs.common import TASK_OF
-    from jobs.data_check import record_tokens, token_report
+    from jobs.data_check import quiet_ray_data, record_tokens, token_report
     from vlrlhf.data.ledger import start_ledger
     from vlrlhf.data.pipeline import BadRows, EncodeSettings, RecordSource, record_dataset
     from vlrlhf.data.sources import expand_sources
@@ -229,9 +228,7 @@ def token_lengths(spec: JobSpec, limit: int) -> dict | None:
         limit_tokens = min(limit_tokens, spec.online.max_model_len - spec.online.max_tokens)
     if not ray.is_initialized():  # RAY_ADDRESS joins a cluster; otherwise a local one
         ray.init(address=os.environ.get("RAY_ADDRESS") or "local", include_dashboard=False, logging_level="ERROR")
-    context = ray.data.DataContext.get_current()  # the plan is the output: no progress lines
-    context.enable_progress_bars = context.print_on_execution_start = False
-    logging.getLogger("ray.data").setLevel(logging.WARNING)
+    quiet_ray_data()  # the plan is the output
     settings = EncodeSettings(model_path=spec.model.path, task="prompt" if online else TASK_OF[spec.algorithm.name],
                               adapter=spec.model.adapter, image_root=spec.data.image_root,
                               max_pixels=spec.data.max_pixels, processor=tuple(sorted(spec.model.processor.items())),
