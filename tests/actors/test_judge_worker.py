@@ -53,6 +53,45 @@ def test_expected_scores_are_the_score_tokens_probability_weighted_mean(tiny_pat
     assert abs(scores[0] - scores[2]) > 1e-6  # the image reaches the judge: red and blue differ
 
 
+def test_generate_scoring_reads_the_greedy_reply_to_the_request_the_http_judge_would_get(ray_cluster, tiny_path):
+    """The worker builds each row's request from the step's prompts in the object store: the
+    prompt's image, then the rubric filled with its question, answer and the row's completion.
+    Its score is the one parse_score reads from a greedy reply to that request."""
+    import ray
+
+    from actors.rollout import Sampling
+    from vlrlhf.data.images import load_image
+    from vlrlhf.data.pipeline import EncodedItem, EncodeSettings
+    from vlrlhf.data.records import Message, PromptRecord
+    from vlrlhf.rewards.judge import RUBRIC, parse_score, rubric_text
+    from vlrlhf.rows import Row, RowsShare
+
+    shapes = str(ROOT / "data" / "shapes")
+    settings = EncodeSettings(model_path=str(tiny_path("llava")), task="prompt", image_root=shapes)
+
+    records = [PromptRecord(id=f"p:{i}", images=[image], prompt=[Message(role="user", content=f"<image>\n{question}")],
+                            answer=answer)
+               for i, (image, question, answer) in enumerate([("images/train/00000.png", "What colour?", "red"),
+                                                              ("images/train/00001.png", "What shape?", "circle")])]
+    prompts = [ray.put([EncodedItem(i, r.id, r, None) for i, r in enumerate(records)])]
+    rows = [Row(None, request, [], text=text) for request, text in ((0, "red"), (0, "blue"), (1, "a square"))]
+    worker = JudgeWorker(judge_spec(tiny_path("llava"), max_tokens=12, min_score=0, max_score=10))
+    scores = worker.judge_rows(RowsShare(prompts, rows, 8), settings)
+
+    replies = []
+    for row in rows:
+        record = records[row.request]
+        image = load_image(record.images[0], image_root=settings.image_root)
+        text = rubric_text(RUBRIC, record.prompt[0].content.replace("<image>", "").strip(), record.answer, row.text,
+                           0, 10)
+        assert f"Question: {'What colour?' if row.request == 0 else 'What shape?'}" in text
+        (sample,) = worker.engine.generate([{"messages": turn([image], text), "images": [image]}],
+                                           Sampling(n=1, temperature=0.0, max_tokens=12))
+        replies.append(sample.text)
+    assert scores == [parse_score(reply, 0, 10) for reply in replies]
+    assert len(set(replies)) > 1  # the completion reaches the judge
+
+
 def test_scores_must_be_single_tokens_for_expected_scoring(tiny_path):
     worker = JudgeWorker(judge_spec(tiny_path("llava")))  # generate: any range
     tokenizer = worker.engine.adapter.tokenizer
