@@ -182,7 +182,7 @@ class JudgeRewardSpec(Section):
     min_score: float = 0.0
     max_score: float = 10.0
     fallback: float = Field(0.0, ge=0, le=1)  # the scaled score of a sample whose request failed for good
-    timeout_s: float = Field(60.0, gt=0)  # HTTP: per request; path: per worker call (a step's share)
+    timeout_s: float = Field(60.0, gt=0)  # HTTP: per request; path: for all of a step's shares together
     retries: int = Field(2, ge=0)
     backoff_s: float = Field(1.0, ge=0)
     concurrency: int = Field(8, gt=0)  # requests in flight per task
