@@ -67,10 +67,19 @@ class Sample:
     logprobs: list[float]  # behaviour log-prob of each token
     finish_reason: str  # "stop" (eos) or "length" (max_tokens)
     text: str
+    # multi-turn episodes (online.tools): token_ids cover every turn, mask is 1 on the sampled
+    # tokens (logprobs has one per sampled token), 0 on the tool turns' tokens; `example` is the
+    # episode's encoded example (an ObjectRef: the tools' images too)
+    mask: list[int] | None = None
+    example: object = None
+    turns: int = 1
+    tool_calls: int = 0
+    tool_errors: int = 0
 
     @property
     def length(self) -> int:
-        return len(self.token_ids)
+        """Sampled tokens (a tool turn's tokens are not the model's)."""
+        return len(self.logprobs)
 
 
 def scale(temperature: float) -> float:
@@ -321,8 +330,14 @@ class VLLMEngine:
 class RolloutWorker(WorkerBase):
     """The rollout role on an ActorGroup: one engine per worker."""
 
-    def __init__(self, engine: str, model_path: str, **options):
+    def __init__(self, engine: str, model_path: str, tools: list[dict] | None = None, max_turns: int = 1,
+                 tool_timeout_s: float = 10.0, **options):
+        from actors.episodes import Episodes
+        from vlrlhf.tools import load_tools
+
         self.engine = make_engine(engine, model_path, **options)
+        # multi-turn rollouts with tools (online.tools): None samples single turns
+        self.episodes = Episodes(load_tools(tools), max_turns, tool_timeout_s) if tools and max_turns > 1 else None
         self.weight_group = None  # the collective group with the policy's rank 0 (weight_sync: collective)
 
     def setup_distributed(self, master: str, port: int, rank: int, world_size: int) -> None:
@@ -330,6 +345,10 @@ class RolloutWorker(WorkerBase):
         self.rank, self.world_size = rank, world_size
 
     def generate(self, requests: list[dict], sampling: Sampling) -> list[Sample]:
+        if self.episodes is not None:
+            from actors.episodes import run_episodes
+
+            return run_episodes(self.engine, requests, sampling, self.episodes)
         return self.engine.generate(requests, sampling)
 
     def prompts(self, slices: list, settings, sink=None) -> StepPrompts:

@@ -35,6 +35,13 @@ def cmd_demo(args) -> int:
 def cmd_data_synth(args) -> int:
     from vlrlhf.data.synthetic import KINDS, synthesize
 
+    if args.kind == "agent":
+        from vlrlhf.data.agent import synthesize_agent
+
+        for path in synthesize_agent(args.out_dir, count=args.num_train or 64, seed=args.seed).values():
+            print(f"wrote {path}")
+        print(f"image_root: {args.out_dir} (agent.jsonl: prompts; agent_sft.json: llava)")
+        return 0
     if args.kind == "geometry":
         from vlrlhf.data.geometry import synthesize_geometry
 
@@ -236,7 +243,7 @@ def build_parser() -> argparse.ArgumentParser:
     synth = data_commands.add_parser("synth", help="write the synthetic shapes data sets",
                                      description="Write coloured-shape images and SFT / preference / KTO / "
                                                  "prompt data sets (train and test) in public formats.")
-    synth.add_argument("kind", choices=["all", "sft", "preference", "kto", "prompts", "bench", "geometry"],
+    synth.add_argument("kind", choices=["all", "sft", "preference", "kto", "prompts", "bench", "geometry", "agent"],
                        help="bench: the test questions as a multiple-choice benchmark TSV (Shapes_MC.tsv); "
                             "geometry: maths problems on drawn figures (format geometry3k, and an SFT cold start)")
     synth.add_argument("out_dir")

@@ -218,6 +218,9 @@ class OnlineJob:
             kwargs |= {"max_model_len": online.max_model_len, "sleep_mode": bool(spec.resources.rollout.colocate),
                        "tensor_parallel_size": online.tensor_parallel_size,
                        "gpu_memory_utilization": online.gpu_memory_utilization}
+        if online.tools:
+            kwargs |= {"tools": [tool.model_dump() for tool in online.tools], "max_turns": online.max_turns,
+                       "tool_timeout_s": online.tool_timeout_s}
         self.rollout = ActorGroup(RolloutWorker, spec.resources.rollout, name="rollout",
                                   args=(online.engine, spec.model.path), kwargs=kwargs, share=share("rollout"),
                                   connect=False)
@@ -350,6 +353,10 @@ class OnlineJob:
                        "train/response_length": sum(s.length for s in samples) / len(samples),
                        "train/truncated": sum(s.finish_reason == "length" for s in samples) / len(samples),
                        "rollout/tokens_per_s": sum(s.length for s in samples) / timings["rollout_s"]})
+        if self.online.tools:
+            values.update({"rollout/turns": sum(s.turns for s in samples) / len(samples),
+                           "rollout/tool_calls": sum(s.tool_calls for s in samples) / len(samples),
+                           "rollout/tool_errors": sum(s.tool_errors for s in samples) / len(samples)})
         if rows[0].ref_logprobs is not None:  # how far the sampling policy is from the reference (k1)
             behaviour, mask = padded(rows, "logprobs")
             reference = padded(rows, "ref_logprobs")[0]
@@ -455,7 +462,8 @@ class OnlineJob:
         or values in-process)."""
         world, micro = group.world_size, self.spec.trainer.micro_batch_size
         size = -(-len(rows) // world)
-        return [group.call(w, method, RowsShare(prompts, rows[w * size:(w + 1) * size], micro), *args)
+        share = functools.partial(RowsShare, micro_batch_size=micro, temperature=self.online.temperature)
+        return [group.call(w, method, share(prompts, rows[w * size:(w + 1) * size]), *args)
                 for w in range(len(share_sizes(len(rows), world)))]
 
     @staticmethod
@@ -500,7 +508,8 @@ class OnlineJob:
         size = -(-len(rows) // world)  # contiguous: a prompt's rows (adjacent) share a worker but at the cuts
         parts = [rows[w * size:(w + 1) * size] for w in range(world)]
         most = max(-(-len(part) // micro) for part in parts) if equal else 0
-        return [RowsShare(prompts, part or rows[:1], micro, kind, pad_to=most, blank=not part) for part in parts]
+        return [RowsShare(prompts, part or rows[:1], micro, kind, pad_to=most, blank=not part,
+                          temperature=self.online.temperature) for part in parts]
 
     def shutdown(self) -> None:
         if self.stream is not None:
@@ -558,7 +567,7 @@ def local_judge(online) -> bool:
 def rows_of(samples: list[Sample]) -> list[Row]:
     """The driver's rows of sampled completions (no tensors: workers build the examples)."""
     return [Row(None, s.request, s.logprobs, truncated=s.finish_reason == "length", token_ids=s.token_ids,
-                text=s.text) for s in samples]
+                text=s.text, mask=s.mask, example_ref=s.example) for s in samples]
 
 
 def run_online(spec: JobSpec, run_dir: pathlib.Path) -> dict:

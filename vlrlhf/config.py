@@ -160,6 +160,22 @@ class RewardTermSpec(Section):
     timeout_s: float | None = Field(60.0, gt=0)  # per call; a call past it fails its batch's samples
 
 
+class ToolSpec(Section):
+    """A tool the policy may call in a multi-turn rollout (vlrlhf.tools): a built-in or a function."""
+
+    builtin: Literal["zoom", "crop"] | None = None
+    function: str | None = None  # 'package.module:function', called as function(images, **arguments)
+    name: str | None = None  # what the model calls it (default: the built-in's or the function's name)
+
+    @model_validator(mode="after")
+    def _one_source(self):
+        if (self.builtin is None) == (self.function is None):
+            raise ValueError("online.tools: each tool names exactly one of builtin or function")
+        if self.function is not None and ":" not in self.function:
+            raise ValueError(f"online.tools: function {self.function!r} must be 'package.module:function'")
+        return self
+
+
 class RewardModelSpec(Section):
     path: str  # a checkpoint of algorithm.name=reward (HF folder + value_head.safetensors)
     weight: float = 1.0
@@ -267,11 +283,33 @@ class OnlineSpec(Section):
     critic: CriticSpec = CriticSpec()  # ppo
     async_rollout: bool = False  # one step off: rollout t+1 overlaps training step t
     weight_sync: Literal["object_store", "collective"] = "object_store"  # collective: gloo/NCCL broadcast
+    # multi-turn rollouts: the model calls these tools (<tool_call>{json}</tool_call>), reads their
+    # results, and goes on, for at most max_turns assistant turns (actors/episodes.py)
+    tools: list[ToolSpec] = []
+    max_turns: int = Field(1, ge=1)
+    tool_timeout_s: float = Field(10.0, gt=0)  # per turn's calls, run as Ray tasks
 
     @model_validator(mode="after")
     def _some_reward(self):
         if not self.rewards and self.reward_model is None and self.judge is None:
             raise ValueError("online needs rewards (functions), a reward_model or a judge (any of them together)")
+        return self
+
+    @model_validator(mode="after")
+    def _tools(self):
+        if self.max_turns > 1 and not self.tools:
+            raise ValueError(f"online.max_turns={self.max_turns} needs online.tools (a turn follows a tool call)")
+        if self.tools and self.max_turns < 2:
+            raise ValueError("online.tools needs online.max_turns >= 2 (the turn after a tool call)")
+        names = [tool.name or tool.builtin or tool.function.rsplit(":", 1)[-1] for tool in self.tools]
+        if len(set(names)) != len(names):
+            raise ValueError(f"online.tools: two tools share a name ({', '.join(names)}); set `name`")
+        if self.tools and self.engine == "vllm":
+            raise ValueError("online.tools: multi-turn rollouts run on engine=transformers for now "
+                             "(the vLLM engine samples single turns)")
+        if self.tools and self.async_rollout:
+            raise ValueError("online.tools with async_rollout is not supported: the saved next-step samples "
+                             "cannot carry the episodes' examples")
         return self
 
 

@@ -35,6 +35,11 @@ class Row:
     truncated: bool = False  # cut at max_tokens
     token_ids: list[int] | None = None  # the completion
     text: str = ""  # the completion, decoded (reward models score it)
+    # a multi-turn episode (online.tools): 1 on the sampled tokens of token_ids, 0 on the tool
+    # turns' (no loss; the per-token lists above cover the sampled ones only), and its own
+    # example (an ObjectRef, or the example itself in-process): it holds the tools' images
+    mask: list[int] | None = None
+    example_ref: object = None
 
 
 @dataclasses.dataclass
@@ -48,6 +53,7 @@ class RowsShare:
     kind: str = "score"  # score | policy | policy_kl (reference log-probs in the loss) | values
     pad_to: int = 0  # micro-batches at least (DeepSpeed: every rank runs as many), blank rows added
     blank: bool = False  # the rows are only a pattern for blank rows: this worker has none of its own
+    temperature: float = 1.0  # online.temperature: log-probs of logits / temperature, as the engines sampled
 
 
 def step_prompts(refs: list) -> list:
@@ -62,8 +68,25 @@ def with_examples(share: RowsShare, prompts: list | None = None, fill: dict[str,
     """The share's rows with their examples (prompt + completion), from the step's prompts;
     `fill`: the adapter's completion_token_arrays."""
     prompts = step_prompts(share.prompts) if prompts is None else prompts
-    return [dataclasses.replace(row, example=rl_example(prompts[row.request].encoded, row.token_ids, fill))
-            for row in share.rows]
+    own = own_examples(share.rows)
+    return [dataclasses.replace(row, example=own[index] if index in own else rl_example(
+        prompts[row.request].encoded, row.token_ids, fill, row.mask)) for index, row in enumerate(share.rows)]
+
+
+def own_examples(rows: list[Row]) -> dict[int, EncodedExample]:
+    """The examples the rows of multi-turn episodes carry (fetched in one call), by row index."""
+    import ray
+
+    indices = [index for index, row in enumerate(rows) if row.example_ref is not None]
+    refs = [index for index in indices if isinstance(rows[index].example_ref, ray.ObjectRef)]
+    fetched = dict(zip(refs, ray.get([rows[index].example_ref for index in refs]), strict=True)) if refs else {}
+    return {index: fetched.get(index, rows[index].example_ref) for index in indices}
+
+
+def group_keys(rows: list[Row]) -> list:
+    """The group forward's key of each row: its prompt; a row with its own example (tool turns,
+    with images the prompt does not hold) is a group of its own."""
+    return [row.request if row.example_ref is None else ("own", index) for index, row in enumerate(rows)]
 
 
 def micro_batches(adapter, share: RowsShare) -> list:
@@ -81,8 +104,9 @@ def micro_batches(adapter, share: RowsShare) -> list:
     if share.kind == "values":
         return [collate_values(adapter, chunk) for chunk in chunks]
     if share.kind == "score":
-        return scoring_batches(adapter, rows, size)
-    return [collate_rl(adapter, chunk, with_reference=share.kind == "policy_kl") for chunk in chunks]
+        return scoring_batches(adapter, rows, size, share.temperature)
+    return [collate_rl(adapter, chunk, with_reference=share.kind == "policy_kl", temperature=share.temperature)
+            for chunk in chunks]
 
 
 def group_chunks(rows: list[Row], size: int) -> list[list[Row]]:
@@ -93,7 +117,7 @@ def group_chunks(rows: list[Row], size: int) -> list[list[Row]]:
 
     chunks: list[list[Row]] = []
     current: list[Row] = []
-    for group in groups_of([row.request for row in rows]):
+    for group in groups_of(group_keys(rows)):
         members = [rows[i] for i in group]
         for start in range(0, len(members), size):
             piece = members[start:start + size]
@@ -111,18 +135,21 @@ def row_groups(adapter, rows: list[Row]) -> tuple[list[list[int]] | None, object
     rows here (the group forward then applies), else (None, None)."""
     from vlrlhf.models.groups import groups_of
 
-    groups = groups_of([row.request for row in rows])
+    groups = groups_of(group_keys(rows))
     if len(groups) == len(rows):
         return None, None
     return groups, adapter.collate([rows[group[0]].example for group in groups])
 
 
-def rl_example(prompt: EncodedExample, token_ids: list[int], fill: dict[str, int] | None = None) -> EncodedExample:
-    """Prompt + completion; labels (and log-prob slots) on the completion tokens. `fill`: the
-    value of the completion's tokens per token array (adapter.completion_token_arrays; 0)."""
+def rl_example(prompt: EncodedExample, token_ids: list[int], fill: dict[str, int] | None = None,
+               mask: list[int] | None = None) -> EncodedExample:
+    """Prompt + completion; labels (and log-prob slots) on the completion tokens (those `mask`
+    marks, when given). `fill`: the value of the completion's tokens per token array
+    (adapter.completion_token_arrays; 0)."""
     fill = fill or {}
     arrays = {name: values + [fill.get(name, 0)] * len(token_ids) for name, values in prompt.token_arrays.items()}
-    return EncodedExample(prompt.input_ids + token_ids, [-100] * len(prompt.input_ids) + token_ids, arrays,
+    labels = token_ids if mask is None else [t if m else -100 for t, m in zip(token_ids, mask, strict=True)]
+    return EncodedExample(prompt.input_ids + token_ids, [-100] * len(prompt.input_ids) + labels, arrays,
                           prompt.extras)
 
 
@@ -144,25 +171,27 @@ def unpadded(values: torch.Tensor, mask: torch.Tensor) -> list[list[float]]:
 
 def at_labels(adapter, rows: list[Row], **fields: str) -> tuple:
     """The padded batch of `rows` and, per name=row field, a (B, T) tensor holding the
-    field's values at the label positions (0 elsewhere)."""
+    field's values at the label positions, in order (0 elsewhere)."""
     batch = adapter.collate([row.example for row in rows])
+    positions = [torch.tensor([i for i, label in enumerate(row.example.labels) if label != -100], dtype=torch.long)
+                 for row in rows]
     out = []
     for field in fields.values():
         tensor = torch.zeros(batch.input_ids.shape, dtype=torch.float32)
         for index, row in enumerate(rows):
             values = getattr(row, field)
-            start = len(row.example.input_ids) - len(row.logprobs)
-            tensor[index, start:start + len(values)] = torch.tensor(values, dtype=torch.float32)
+            where = positions[index][:len(values)]
+            tensor[index, where] = torch.tensor(values[:len(where)], dtype=torch.float32)
         out.append(tensor)
     return batch, *out
 
 
-def collate_rl(adapter, rows: list[Row], with_reference: bool = True) -> RLBatch:
+def collate_rl(adapter, rows: list[Row], with_reference: bool = True, temperature: float = 1.0) -> RLBatch:
     """The policy's batch; `with_reference`: carry the rows' reference log-probs for a KL in the loss."""
     with_reference = with_reference and rows[0].ref_logprobs is not None
     fields = {"old": "logprobs", "advantages": "advantages"} | ({"ref": "ref_logprobs"} if with_reference else {})
     batch, old, advantages, *ref = at_labels(adapter, rows, **fields)
-    return RLBatch(batch, old, advantages, ref[0] if ref else None, *row_groups(adapter, rows))
+    return RLBatch(batch, old, advantages, ref[0] if ref else None, *row_groups(adapter, rows), temperature)
 
 
 def collate_values(adapter, rows: list[Row]) -> ValueBatch:
@@ -170,20 +199,20 @@ def collate_values(adapter, rows: list[Row]) -> ValueBatch:
     return ValueBatch(batch, old_values, returns, *row_groups(adapter, rows))
 
 
-def scoring_batches(adapter, rows: list[Row], micro_batch_size: int) -> list[RLBatch]:
+def scoring_batches(adapter, rows: list[Row], micro_batch_size: int, temperature: float = 1.0) -> list[RLBatch]:
     """Micro-batches for reference log-probs and critic values (no advantages yet)."""
     out = []
     for chunk in group_chunks(list(rows), micro_batch_size):
         batch, old = at_labels(adapter, chunk, old="logprobs")
-        out.append(RLBatch(batch, old, torch.zeros_like(old), None, *row_groups(adapter, chunk)))
+        out.append(RLBatch(batch, old, torch.zeros_like(old), None, *row_groups(adapter, chunk), temperature))
     return out
 
 
 def scatter(per_batch: list[torch.Tensor], batches: list[RLBatch], requests: list[int] | None = None
             ) -> list[list[float]]:
     """(B, T) results of `scoring_batches` -> one list per row over its completion tokens: in the
-    batches' order, or, given the rows' `requests`, in the rows' own order (scoring_batches
-    takes them group by group)."""
+    batches' order, or, given the rows' `requests` (group_keys), in the rows' own order
+    (scoring_batches takes them group by group)."""
     from vlrlhf.models.groups import groups_of
 
     out = []
@@ -203,4 +232,4 @@ def score_share(adapter, share: RowsShare, score) -> list[list[float]]:
     """Per row of the share, over its completion tokens: `score(micro_batches)` ((B, T) per
     micro-batch: reference log-probs, critic values) read at the label positions."""
     batches = micro_batches(adapter, dataclasses.replace(share, kind="score"))
-    return scatter(score(batches), batches, None if share.blank else [row.request for row in share.rows])
+    return scatter(score(batches), batches, None if share.blank else group_keys(share.rows))

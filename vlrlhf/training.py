@@ -212,15 +212,19 @@ class RLBatch:
     # images: the group forward runs each group's image and prompt once (vlrlhf.models.groups)
     groups: list[list[int]] | None = None
     representatives: ModelBatch | None = None
+    # the sampling temperature: the rows are scored under softmax(logits / temperature), the
+    # distribution the engines sampled them from (and scored their behaviour log-probs under)
+    temperature: float = 1.0
 
     def to(self, device) -> RLBatch:
         return RLBatch(self.batch.to(device), self.old_logps.to(device), self.advantages.to(device),
                        None if self.ref_logps is None else self.ref_logps.to(device), self.groups,
-                       None if self.representatives is None else self.representatives.to(device))
+                       None if self.representatives is None else self.representatives.to(device), self.temperature)
 
     def logprobs(self, adapter, model) -> tuple[torch.Tensor, bool]:
         """(B, T) rollout log-probs of the rows under `model` and whether the group forward ran."""
-        return adapter.group_rollout_logprobs(model, self.batch, self.groups, self.representatives)
+        return adapter.group_rollout_logprobs(model, self.batch, self.groups, self.representatives,
+                                              temperature=self.temperature)
 
 
 def rl_micro_step(adapter, model, rl: RLBatch, ref_logps: torch.Tensor | None, online,

@@ -61,6 +61,27 @@ def test_transformers_engine_samples_n_per_request_with_behaviour_logprobs(tiny_
         make_engine("sglang", str(tiny_path("llava")))
 
 
+def test_the_trainer_scores_rows_at_the_sampling_temperature(tiny_path):
+    """Sampled at temperature 0.6, the rows' log-probs in training (collate_rl with the share's
+    temperature, the group forward) equal the behaviour log-probs: the first PPO ratio is 1.
+    At temperature 1 instead they differ (the bug this guards against)."""
+    from vlrlhf.rows import Row, collate_rl, rl_example
+
+    engine = TransformersEngine(str(tiny_path("llava")))
+    requests = [request("red")]
+    samples = engine.generate(requests, Sampling(n=3, temperature=0.6, max_tokens=6, seed=1))
+    prompt = engine.encode(requests)[0]
+    rows = [Row(rl_example(prompt, s.token_ids, engine.adapter.completion_token_arrays), 0, s.logprobs,
+                advantages=[0.0] * s.length) for s in samples]
+    for temperature, same in ((0.6, True), (1.0, False)):
+        rl = collate_rl(engine.adapter, rows, with_reference=False, temperature=temperature)
+        with torch.no_grad():
+            logps, packed = rl.logprobs(engine.adapter, engine.model)
+        mask = rl.batch.loss_mask
+        assert packed  # three rows of one prompt: the group forward
+        assert torch.allclose(logps[mask], rl.old_logps[mask], atol=1e-4) == same, temperature
+
+
 def test_image_placeholders_are_never_sampled_and_never_priced(tiny_path):
     """A policy that would rather emit the image token: the engine never samples it (a completion
     holding one cannot be trained on), and its behaviour log-probs equal the policy's rollout

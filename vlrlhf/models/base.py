@@ -413,15 +413,17 @@ class Adapter:
         return self.forward_hidden(model, inputs), plan
 
     def group_rollout_logprobs(self, model, batch: ModelBatch, groups: list[list[int]] | None,
-                               representatives: ModelBatch | None, chunk_size: int = 1024):
-        """(rollout_logprobs(model, batch), packed: bool), with the group forward where it applies."""
+                               representatives: ModelBatch | None, chunk_size: int = 1024, temperature: float = 1.0):
+        """(rollout_logprobs(model, batch), packed: bool), with the group forward where it applies;
+        under softmax(logits / temperature), the distribution the engines sample from."""
         if not hasattr(self, "_placeholders"):
             self._placeholders = tuple(self.placeholder_token_ids())
         hidden, plan = self.group_hidden(model, batch, groups, representatives)
         ids, full_head = torch.tensor(self._placeholders, device=hidden.device), self.output_head(model)
 
         def head(states):
-            return full_head(states).index_fill(-1, ids, float("-inf"))
+            logits = full_head(states)
+            return (logits if temperature == 1.0 else logits / temperature).index_fill(-1, ids, float("-inf"))
         if plan is None:
             return chunked_token_logprobs(hidden, head, batch.labels, chunk_size), False
         return chunked_token_logprobs(hidden, head, batch.labels, chunk_size, plan.index, plan.group_of), True
