@@ -50,6 +50,7 @@ class Episode:
     messages: list[dict]  # the conversation so far; assistant turns as their decoded text
     images: list  # the conversation's images: the prompt's, then the tools'
     prompt: EncodedExample  # the prompt's encoding
+    raw_ids: list[int]  # the same tokens before image expansion (what vLLM takes: it expands them itself)
     token_ids: list[int] = dataclasses.field(default_factory=list)  # everything after the prompt
     mask: list[int] = dataclasses.field(default_factory=list)  # 1: sampled, 0: from a tool turn
     arrays: dict = dataclasses.field(default_factory=dict)  # per-token arrays over token_ids
@@ -62,6 +63,7 @@ class Episode:
     last_text: str = ""
 
     def add_sampled(self, sample, fill: dict[str, int]) -> None:
+        self.raw_ids = self.raw_ids + sample.token_ids
         self.token_ids += sample.token_ids
         self.mask += [1] * len(sample.token_ids)
         for name in self.prompt.token_arrays:
@@ -71,6 +73,7 @@ class Episode:
         self.turns += 1
 
     def add_tool_turn(self, tail: dict, assistant: dict, response: dict, images: list) -> None:
+        self.raw_ids = self.raw_ids + tail["raw_ids"]
         self.token_ids += tail["input_ids"]
         self.mask += [0] * len(tail["input_ids"])
         for name in self.prompt.token_arrays:
@@ -145,7 +148,14 @@ def tool_turn_tokens(adapter, messages: list[dict], images: list, text: str, end
     tail_text = closing + following[len(closed):]
     out = adapter.processor(text=[tail_text], images=[new_images] if new_images else None, add_special_tokens=False,
                             return_tensors="pt", **adapter.pixel_kwargs(new_images))
-    return adapter._unbatch(out)
+    return adapter._unbatch(out) | {"raw_ids": adapter.tokenizer(tail_text, add_special_tokens=False)["input_ids"]}
+
+
+def raw_prompt_ids(adapter, messages: list[dict]) -> list[int]:
+    """The prompt's tokens before image expansion (one placeholder per image)."""
+    text = adapter.render(messages, True)
+    bos = adapter.tokenizer.bos_token
+    return adapter.tokenizer(text, add_special_tokens=not (bos and text.startswith(bos)))["input_ids"]
 
 
 def run_episodes(engine, requests: list[dict], sampling, episodes: Episodes) -> list:
@@ -159,12 +169,13 @@ def run_episodes(engine, requests: list[dict], sampling, episodes: Episodes) -> 
     adapter = engine.adapter
     prompts = engine.encode(requests)
     fill = adapter.completion_token_arrays
+    raw = [raw_prompt_ids(adapter, request["messages"]) for request in requests]
     active = []
     states = []
     for sample in engine.generate(requests, sampling):
         request = requests[sample.request]
         state = Episode(sample.request, list(request["messages"]), list(request.get("images") or []),
-                        prompts[sample.request])
+                        prompts[sample.request], raw[sample.request])
         state.add_sampled(sample, fill)
         states.append(state)
         active.append(state)
@@ -190,7 +201,9 @@ def run_episodes(engine, requests: list[dict], sampling, episodes: Episodes) -> 
             state.add_tool_turn(tail, {"role": "assistant", "content": state.last_text}, response, images)
             state.tool_calls += count
             state.tool_errors += sum(result.error for result in own)
-            requests_next.append({"encoded": state.example(adapter.extra_rules, labelled=False)})
+            # the transformers engine samples after `encoded`; vLLM after `raw_ids` with the images
+            requests_next.append({"encoded": state.example(adapter.extra_rules, labelled=False),
+                                  "raw_ids": state.raw_ids, "images": state.images, "messages": state.messages})
         seed = None if sampling.seed is None else sampling.seed + turn
         follow = engine.generate(requests_next, dataclasses.replace(sampling, n=1, seed=seed))
         active = []

