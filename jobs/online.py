@@ -284,7 +284,7 @@ class OnlineJob:
         summary = {"steps": self.step, "train": last, "checkpoint": str(checkpoint),
                    "local_checkpoint": str(self.checkpoints.local_path(self.step)),
                    "curves": str(plot) if plot else None, "bad_records": self.data.summary()}
-        print(f"finished after {self.step} steps: " + " ".join(f"{k.split('/')[1]}={v:.4g}" for k, v in last.items()
+        print(f"finished after {self.step} steps: " + " ".join(f"{k.split('/', 1)[1]}={v:.4g}" for k, v in last.items()
                                                               if k.startswith("train/")))
         print(f"checkpoint: {checkpoint}")
         return summary
