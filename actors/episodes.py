@@ -42,6 +42,9 @@ class Episodes:
     tools: dict  # name -> function
     max_turns: int = 2
     timeout_s: float = 10.0
+    # an episode ends (finish "length") rather than start a turn whose prompt + max_tokens would
+    # pass this (online.max_model_len: vLLM refuses longer prompts); None: no limit
+    max_length: int | None = None
 
 
 @dataclasses.dataclass
@@ -189,7 +192,7 @@ def run_episodes(engine, requests: list[dict], sampling, episodes: Episodes) -> 
         if not waiting:
             break
         results = run_calls(episodes.tools, calls, episodes.timeout_s)
-        requests_next, start = [], 0
+        requests_next, going, start = [], [], 0
         for state, count in waiting:
             own = results[start:start + count]
             start += count
@@ -198,16 +201,23 @@ def run_episodes(engine, requests: list[dict], sampling, episodes: Episodes) -> 
                 check_tool_images(adapter)
             ended = bool(state.token_ids) and state.token_ids[-1] == adapter.tokenizer.eos_token_id
             tail = tool_turn_tokens(adapter, state.messages, state.images, state.last_text, ended, response, images)
+            length = len(state.prompt.input_ids) + len(state.token_ids) + len(tail["input_ids"]) + sampling.max_tokens
+            if episodes.max_length is not None and length > episodes.max_length:
+                state.finish_reason = "length"  # the next turn would not fit: the episode ends here
+                continue
             state.add_tool_turn(tail, {"role": "assistant", "content": state.last_text}, response, images)
             state.tool_calls += count
             state.tool_errors += sum(result.error for result in own)
             # the transformers engine samples after `encoded`; vLLM after `raw_ids` with the images
             requests_next.append({"encoded": state.example(adapter.extra_rules, labelled=False),
                                   "raw_ids": state.raw_ids, "images": state.images, "messages": state.messages})
+            going.append(state)
+        if not going:
+            break
         seed = None if sampling.seed is None else sampling.seed + turn
         follow = engine.generate(requests_next, dataclasses.replace(sampling, n=1, seed=seed))
         active = []
-        for (state, _), sample in zip(waiting, follow, strict=True):
+        for state, sample in zip(going, follow, strict=True):
             state.add_sampled(sample, fill)
             active.append(state)
     out = []

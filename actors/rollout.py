@@ -339,13 +339,14 @@ class RolloutWorker(WorkerBase):
     """The rollout role on an ActorGroup: one engine per worker."""
 
     def __init__(self, engine: str, model_path: str, tools: list[dict] | None = None, max_turns: int = 1,
-                 tool_timeout_s: float = 10.0, **options):
+                 tool_timeout_s: float = 10.0, episode_max_length: int | None = None, **options):
         from actors.episodes import Episodes
         from vlrlhf.tools import load_tools
 
         self.engine = make_engine(engine, model_path, **options)
         # multi-turn rollouts with tools (online.tools): None samples single turns
-        self.episodes = Episodes(load_tools(tools), max_turns, tool_timeout_s) if tools and max_turns > 1 else None
+        self.episodes = Episodes(load_tools(tools), max_turns, tool_timeout_s, episode_max_length) \
+            if tools and max_turns > 1 else None
         self.weight_group = None  # the collective group with the policy's rank 0 (weight_sync: collective)
 
     def setup_distributed(self, master: str, port: int, rank: int, world_size: int) -> None:

@@ -220,7 +220,7 @@ class OnlineJob:
                        "gpu_memory_utilization": online.gpu_memory_utilization}
         if online.tools:
             kwargs |= {"tools": [tool.model_dump() for tool in online.tools], "max_turns": online.max_turns,
-                       "tool_timeout_s": online.tool_timeout_s}
+                       "tool_timeout_s": online.tool_timeout_s, "episode_max_length": online.max_model_len}
         self.rollout = ActorGroup(RolloutWorker, spec.resources.rollout, name="rollout",
                                   args=(online.engine, spec.model.path), kwargs=kwargs, share=share("rollout"),
                                   connect=False)

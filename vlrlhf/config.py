@@ -257,7 +257,7 @@ class OnlineSpec(Section):
     temperature: float = Field(1.0, gt=0)
     top_p: float = Field(1.0, gt=0, le=1)
     max_tokens: int = Field(32, gt=0)
-    max_model_len: int = Field(1024, gt=0)  # vLLM
+    max_model_len: int = Field(1024, gt=0)  # vLLM; with tools, the longest episode (both engines)
     tensor_parallel_size: int = Field(1, gt=0)  # vLLM: GPUs per engine (resources.rollout.gpus to match)
     gpu_memory_utilization: float = Field(0.5, gt=0, le=1)  # vLLM: share of each GPU for weights + KV cache
     prompts_per_step: int = Field(8, gt=0)

@@ -268,3 +268,27 @@ def test_episodes_on_vllm_equal_the_transformers_engine(agent_model):
     assert all(result["equal"]) and all(result["masks_equal"]), result
     assert result["max_dlogp"] < 1e-3, result
     assert any(turns == 2 for turns in result["turns"]) and any(result["tool_ok"]), result
+
+
+def test_an_episode_that_would_outgrow_max_model_len_ends_truncated(ray_cluster, agent_model):
+    """The same greedy episode with room for the tool turn, and with a limit it would pass."""
+    from actors.episodes import Episodes, run_episodes
+    from actors.rollout import Sampling, TransformersEngine
+    from vlrlhf.data.images import load_image
+
+    path, data, _ = agent_model
+    engine = TransformersEngine(str(path))
+    row = json.loads((data / "agent.jsonl").read_text().splitlines()[0])
+    requests = [{"messages": [{"role": "user", "content": row["prompt"]}],
+                 "images": [load_image(row["images"][0], image_root=data)]}]
+    sampling = Sampling(n=1, temperature=0, max_tokens=96, seed=0)
+    (full,) = run_episodes(engine, requests, sampling, Episodes({"zoom": zoom}, 2, 30, max_length=4096))
+    assert full.turns == 2 and full.finish_reason == "stop"
+    prompt = len(engine.encode(requests)[0].input_ids)
+    first = full.mask.index(0)  # the first turn's sampled tokens end where the tool turn starts
+    needed = prompt + first + full.mask[first:].index(1) + 96  # the second turn's prompt + max_tokens
+    (cut,) = run_episodes(engine, requests, sampling, Episodes({"zoom": zoom}, 2, 30, max_length=needed - 1))
+    assert cut.turns == 1 and cut.finish_reason == "length" and cut.mask is None
+    assert cut.token_ids == full.token_ids[:first]
+    (fits,) = run_episodes(engine, requests, sampling, Episodes({"zoom": zoom}, 2, 30, max_length=needed))
+    assert fits.token_ids == full.token_ids
