@@ -64,6 +64,8 @@ class Episode:
     tool_calls: int = 0
     tool_errors: int = 0
     last_text: str = ""
+    texts: list[str] = dataclasses.field(default_factory=list)  # each sampled turn's text
+    broken: str = ""  # why the episode could not go on (its template or a tool's output), if so
 
     def add_sampled(self, sample, fill: dict[str, int]) -> None:
         self.raw_ids = self.raw_ids + sample.token_ids
@@ -73,6 +75,7 @@ class Episode:
             self.arrays.setdefault(name, []).extend([fill.get(name, 0)] * len(sample.token_ids))
         self.logprobs += sample.logprobs
         self.finish_reason, self.last_text = sample.finish_reason, sample.text
+        self.texts.append(sample.text)
         self.turns += 1
 
     def add_tool_turn(self, tail: dict, assistant: dict, response: dict, images: list) -> None:
@@ -130,12 +133,13 @@ def turn_closing(body: str, text: str, family: str) -> str:
     return closing[len(trailing):] if trailing and closing.startswith(trailing) else closing
 
 
-def tool_turn_tokens(adapter, messages: list[dict], images: list, text: str, ended: bool,
+def tool_turn_tokens(adapter, messages: list[dict], images: list, text: str, ended: str | None,
                      response: dict, new_images: list) -> dict:
     """The ids (and per-token arrays, and the new images' extras) between the end of the
     assistant's sampled `text` and the start of the next assistant turn: the rest of the
-    template's closing of the turn (without the eos when the sample `ended` with it), the user
-    turn holding the tool results, the generation prompt."""
+    template's closing of the turn (without its first token when the sample `ended` with that
+    token: the eos, or another stop token such as Gemma's <end_of_turn>), the user turn holding
+    the tool results, the generation prompt."""
     assistant = {"role": "assistant", "content": text}
     head = adapter.render(messages, True)
     closed = adapter.render(messages + [assistant], False)
@@ -145,9 +149,8 @@ def tool_turn_tokens(adapter, messages: list[dict], images: list, text: str, end
         raise ValueError(f"{family}: the chat template does not render a conversation turn by turn as a prefix "
                          "of the whole; multi-turn rollouts need one that does")
     closing = turn_closing(closed[len(head):], text, family)
-    eos = adapter.tokenizer.eos_token
-    if ended and eos and closing.startswith(eos):
-        closing = closing[len(eos):]
+    if ended and closing.startswith(ended):
+        closing = closing[len(ended):]
     tail_text = closing + following[len(closed):]
     out = adapter.processor(text=[tail_text], images=[new_images] if new_images else None, add_special_tokens=False,
                             return_tensors="pt", **adapter.pixel_kwargs(new_images))
@@ -182,6 +185,7 @@ def run_episodes(engine, requests: list[dict], sampling, episodes: Episodes) -> 
         state.add_sampled(sample, fill)
         states.append(state)
         active.append(state)
+    number = {id(state): index for index, state in enumerate(states)}  # (equal episodes compare equal)
     for turn in range(1, episodes.max_turns):
         calls, waiting = [], []
         for state in active:
@@ -196,26 +200,33 @@ def run_episodes(engine, requests: list[dict], sampling, episodes: Episodes) -> 
         for state, count in waiting:
             own = results[start:start + count]
             start += count
+            state.tool_calls += count
+            state.tool_errors += sum(result.error for result in own)
             response, images = response_message(own)
-            if images:
-                check_tool_images(adapter)
-            ended = bool(state.token_ids) and state.token_ids[-1] == adapter.tokenizer.eos_token_id
-            tail = tool_turn_tokens(adapter, state.messages, state.images, state.last_text, ended, response, images)
+            said = state.last_text.replace("<image>", "[image]")  # text, not an image slot, in the template
+            ended = adapter.tokenizer.decode(state.token_ids[-1:]) if state.finish_reason == "stop" else None
+            try:
+                if images:
+                    check_tool_images(adapter)
+                tail = tool_turn_tokens(adapter, state.messages, state.images, said, ended, response, images)
+            except Exception as error:  # noqa: BLE001 - this episode ends here; counted, the others go on
+                state.broken = f"{type(error).__name__}: {error}"
+                continue
             length = len(state.prompt.input_ids) + len(state.token_ids) + len(tail["input_ids"]) + sampling.max_tokens
             if episodes.max_length is not None and length > episodes.max_length:
                 state.finish_reason = "length"  # the next turn would not fit: the episode ends here
                 continue
-            state.add_tool_turn(tail, {"role": "assistant", "content": state.last_text}, response, images)
-            state.tool_calls += count
-            state.tool_errors += sum(result.error for result in own)
-            # the transformers engine samples after `encoded`; vLLM after `raw_ids` with the images
+            state.add_tool_turn(tail, {"role": "assistant", "content": said}, response, images)
+            # the transformers engine samples after `encoded`; vLLM after `raw_ids` with the images,
+            # each episode with a seed of its own (episodes with the same context must not repeat)
             requests_next.append({"encoded": state.example(adapter.extra_rules, labelled=False),
-                                  "raw_ids": state.raw_ids, "images": state.images, "messages": state.messages})
+                                  "raw_ids": state.raw_ids, "images": state.images, "messages": state.messages,
+                                  "seed": turn_seed(sampling.seed, turn, number[id(state)])})
             going.append(state)
         if not going:
             break
-        seed = None if sampling.seed is None else sampling.seed + turn
-        follow = engine.generate(requests_next, dataclasses.replace(sampling, n=1, seed=seed))
+        follow = engine.generate(requests_next, dataclasses.replace(
+            sampling, n=1, seed=turn_seed(sampling.seed, turn, len(states))))
         active = []
         for state, sample in zip(going, follow, strict=True):
             state.add_sampled(sample, fill)
@@ -226,9 +237,16 @@ def run_episodes(engine, requests: list[dict], sampling, episodes: Episodes) -> 
         if state.turns > 1:  # its own example: the tool turns' tokens and images
             example = state.example(adapter.extra_rules, labelled=True)
             example = ray.put(example) if ray.is_initialized() else example
-        text = adapter.tokenizer.decode(state.token_ids, skip_special_tokens=True) if state.turns > 1 \
-            else state.last_text
-        out.append(Sample(state.request, state.token_ids, state.logprobs, state.finish_reason, text,
+        # what rewards read: the model's own turns, never text a tool returned
+        out.append(Sample(state.request, state.token_ids, state.logprobs, state.finish_reason, "\n".join(state.texts),
                           mask=state.mask if state.turns > 1 else None, example=example, turns=state.turns,
-                          tool_calls=state.tool_calls, tool_errors=state.tool_errors))
+                          tool_calls=state.tool_calls, tool_errors=state.tool_errors, broken=bool(state.broken)))
+    broken = [state.broken for state in states if state.broken]
+    if broken:
+        print(f"rollout: {len(broken)} episode(s) ended early, e.g. {broken[0]}", flush=True)
     return out
+
+
+def turn_seed(seed: int | None, turn: int, episode: int) -> int | None:
+    """A seed of its own for each episode's later turns."""
+    return None if seed is None else (seed * 1_000_003 + turn * 100_003 + episode) % 2**31

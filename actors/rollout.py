@@ -75,6 +75,7 @@ class Sample:
     turns: int = 1
     tool_calls: int = 0
     tool_errors: int = 0
+    broken: bool = False  # the episode ended early: its template or a tool's output could not go on
 
     @property
     def length(self) -> int:
@@ -256,10 +257,14 @@ class VLLMEngine:
             expected.append((request.get("encoded") or self.adapter.encode_prompt(request["messages"], images)
                              ).input_ids)
         banned = {token: -100.0 for token in self.adapter.placeholder_token_ids()}  # never sample an image token
-        params = SamplingParams(n=sampling.n, temperature=max(sampling.temperature, 0.0), top_p=sampling.top_p,
-                                max_tokens=sampling.max_tokens, logprobs=0, seed=sampling.seed,
-                                logit_bias=banned or None)
-        outputs = self.llm.generate(prompts, params, use_tqdm=False)
+        def params(seed):
+            return SamplingParams(n=sampling.n, temperature=max(sampling.temperature, 0.0), top_p=sampling.top_p,
+                                  max_tokens=sampling.max_tokens, logprobs=0, seed=seed, logit_bias=banned or None)
+        if any("seed" in request for request in requests):  # episodes' later turns: a seed each
+            chosen = [params(request.get("seed", sampling.seed)) for request in requests]
+        else:
+            chosen = params(sampling.seed)
+        outputs = self.llm.generate(prompts, chosen, use_tqdm=False)
         samples = []
         for index, output in enumerate(outputs):
             if list(output.prompt_token_ids) != expected[index]:  # training must score what was sampled after
@@ -347,6 +352,10 @@ class RolloutWorker(WorkerBase):
         # multi-turn rollouts with tools (online.tools): None samples single turns
         self.episodes = Episodes(load_tools(tools), max_turns, tool_timeout_s, episode_max_length) \
             if tools and max_turns > 1 else None
+        if self.episodes is not None and any(tool.get("builtin") for tool in tools):
+            from actors.episodes import check_tool_images
+
+            check_tool_images(self.engine.adapter)  # the built-ins return images: refused at start
         self.weight_group = None  # the collective group with the policy's rank 0 (weight_sync: collective)
 
     def setup_distributed(self, master: str, port: int, rank: int, world_size: int) -> None:

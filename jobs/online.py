@@ -356,7 +356,8 @@ class OnlineJob:
         if self.online.tools:
             values.update({"rollout/turns": sum(s.turns for s in samples) / len(samples),
                            "rollout/tool_calls": sum(s.tool_calls for s in samples) / len(samples),
-                           "rollout/tool_errors": sum(s.tool_errors for s in samples) / len(samples)})
+                           "rollout/tool_errors": sum(s.tool_errors for s in samples) / len(samples),
+                           "rollout/broken_episodes": sum(s.broken for s in samples) / len(samples)})
         if rows[0].ref_logprobs is not None:  # how far the sampling policy is from the reference (k1)
             behaviour, mask = padded(rows, "logprobs")
             reference = padded(rows, "ref_logprobs")[0]

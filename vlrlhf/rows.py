@@ -179,9 +179,12 @@ def at_labels(adapter, rows: list[Row], **fields: str) -> tuple:
     for field in fields.values():
         tensor = torch.zeros(batch.input_ids.shape, dtype=torch.float32)
         for index, row in enumerate(rows):
-            values = getattr(row, field)
-            where = positions[index][:len(values)]
-            tensor[index, where] = torch.tensor(values[:len(where)], dtype=torch.float32)
+            values, where = getattr(row, field), positions[index]
+            if len(where) == 0:  # a blank row (no labels): nothing to place
+                continue
+            if len(where) != len(values):
+                raise ValueError(f"row of prompt {row.request}: {len(values)} {field} for {len(where)} label positions")
+            tensor[index, where] = torch.tensor(values, dtype=torch.float32)
         out.append(tensor)
     return batch, *out
 

@@ -24,6 +24,7 @@ Built-ins (pixel coordinates of the image they name, `image` = its index, defaul
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import re
 from collections.abc import Callable
@@ -152,6 +153,14 @@ def invoke(function: Callable, images: list, arguments: dict) -> ToolResult:
         return ToolResult(f"error: the tool failed: {type(error).__name__}: {error}", error=True)
 
 
+@functools.cache
+def remote_invoke():
+    """`invoke` as a Ray task (made once per process): no CPU reserved, never retried."""
+    import ray
+
+    return ray.remote(num_cpus=0, max_retries=0)(invoke)
+
+
 def run_calls(tools: dict[str, Callable], calls: list[tuple[ToolCall, list]], timeout_s: float) -> list[ToolResult]:
     """The results of (call, the conversation's images) pairs, in order. Each call runs as a Ray
     task when Ray is up (in this process otherwise); those still running after `timeout_s`
@@ -160,7 +169,7 @@ def run_calls(tools: dict[str, Callable], calls: list[tuple[ToolCall, list]], ti
 
     results: list[ToolResult | None] = [None] * len(calls)
     pending = {}
-    remote = ray.remote(num_cpus=0, max_retries=0)(invoke) if ray.is_initialized() else None
+    remote = remote_invoke() if ray.is_initialized() else None
     for index, (call, images) in enumerate(calls):
         if call.error is not None:
             results[index] = ToolResult(f"error: {call.error}", error=True)
@@ -188,7 +197,7 @@ def response_message(results: list[ToolResult]) -> tuple[dict, list]:
     """The user turn that gives a turn's tool results back to the model, and its images."""
     parts, images = [], []
     for result in results:
-        body = result.text
+        body = result.text.replace("<image>", "[image]")  # a tool's text is text: never an image slot
         if result.image is not None:
             body = "<image>" + (f"\n{body}" if body else "")
             images.append(result.image)

@@ -14,7 +14,7 @@ import pytest
 import torch
 from PIL import Image
 
-from vlrlhf.tools import ToolCall, crop, parse_tool_calls, response_message, run_calls, zoom
+from vlrlhf.tools import ToolCall, ToolResult, crop, parse_tool_calls, response_message, run_calls, zoom
 
 CALL = '<tool_call>{"name": "zoom", "arguments": {"box": [10, 20, 30, 40]}}</tool_call>'
 
@@ -88,6 +88,12 @@ def test_tools_run_as_ray_tasks_with_a_time_limit(ray_cluster):
     assert message["role"] == "user" and images == [results[1].image]
     assert message["content"] == ("<tool_response>\nerror: the tool did not answer within 10 s\n</tool_response>\n"
                                   "<tool_response>\n<image>\n</tool_response>")
+    message, images = response_message([ToolResult("a <image> b")])  # a tool's text is never an image slot
+    assert message["content"] == "<tool_response>\na [image] b\n</tool_response>" and images == []
+    from actors.episodes import turn_seed
+
+    seeds = {turn_seed(7, turn, episode) for turn in (1, 2) for episode in range(64)}
+    assert len(seeds) == 128 and turn_seed(None, 1, 0) is None  # each episode's later turns: a seed of its own
 
 
 @pytest.mark.parametrize("family, lead", [("qwen2_vl", ""), ("llava", " "), ("gemma3", ""), ("qwen3_vl", "")])
@@ -96,7 +102,6 @@ def test_tool_turn_tokens_continue_the_sampled_ids_as_the_template_encodes_the_c
     conversation (the sampled text round-trips here), with the same per-token arrays and pixels."""
     from actors.episodes import merged_extras, tool_turn_tokens
     from vlrlhf.models.registry import load_adapter
-    from vlrlhf.tools import ToolResult
 
     adapter = load_adapter(tiny_path(family))
     image = pattern(48, 48)
@@ -107,7 +112,8 @@ def test_tool_turn_tokens_continue_the_sampled_ids_as_the_template_encodes_the_c
     sampled = adapter.tokenizer(lead + text, add_special_tokens=False)["input_ids"] + [adapter.tokenizer.eos_token_id]
     zoomed = zoom([image], [8, 8, 24, 24])
     response, new_images = response_message([ToolResult("", zoomed), ToolResult("3 boxes")])
-    tail = tool_turn_tokens(adapter, messages, [image], lead + text, True, response, new_images)
+    tail = tool_turn_tokens(adapter, messages, [image], lead + text, adapter.tokenizer.eos_token, response,
+                            new_images)
     whole = adapter.encode_prompt(messages + [{"role": "assistant", "content": text}, response], [image, zoomed])
     assert prompt.input_ids + sampled + tail["input_ids"] == whole.input_ids
     for name, values in whole.token_arrays.items():
@@ -118,7 +124,7 @@ def test_tool_turn_tokens_continue_the_sampled_ids_as_the_template_encodes_the_c
     for name, value in whole.extras.items():
         assert torch.equal(merged[name], value), name
     # a turn cut before its eos: the template's end-of-turn comes from the tool turn instead
-    cut = tool_turn_tokens(adapter, messages, [image], lead + text, False, response, new_images)
+    cut = tool_turn_tokens(adapter, messages, [image], lead + text, None, response, new_images)
     assert cut["input_ids"][:1] == [adapter.tokenizer.eos_token_id] and cut["input_ids"][1:] == tail["input_ids"]
 
 
