@@ -93,15 +93,24 @@ def dpo_micro_step(adapter, model, pairs: PairBatch, reference: PairLogps | None
         out = dpo_loss(policy.chosen, policy.rejected, ref_c, ref_r, statistics=statistics, **options)
     loss = out.losses.sum() / normaliser
     margin = out.chosen_rewards - out.rejected_rewards
-    metrics = {"loss_sum": float(out.losses.detach().sum()), "count": len(margin),
-               "reward_accuracy_sum": float((margin > 0).float().sum()), "reward_margin_sum": float(margin.sum()),
-               "chosen_reward_sum": float(out.chosen_rewards.sum()),
-               "rejected_reward_sum": float(out.rejected_rewards.sum()),
-               "chosen_logp_sum": float(policy.chosen.detach().sum())}
+    sums = {"loss_sum": out.losses.detach().sum(), "reward_accuracy_sum": (margin > 0).float().sum(),
+            "reward_margin_sum": margin.sum(), "chosen_reward_sum": out.chosen_rewards.sum(),
+            "rejected_reward_sum": out.rejected_rewards.sum(), "chosen_logp_sum": policy.chosen.detach().sum()}
     if algorithm.mdpo is not None:
-        metrics["image_loss_sum"] = float(out.terms["image"].detach().sum())
-        metrics["anchor_loss_sum"] = float(out.terms["anchor"].detach().sum())
-    return loss, metrics
+        sums |= {"image_loss_sum": out.terms["image"].detach().sum(),
+                 "anchor_loss_sum": out.terms["anchor"].detach().sum()}
+    return loss, {"count": len(margin), **host_numbers(sums)}
+
+
+def host_numbers(values: dict) -> dict[str, float]:
+    """Scalars (0-d tensors on the model's device, or numbers) as Python floats, with one copy to
+    the host: one synchronisation per micro-batch instead of one per metric."""
+    tensors = {k: v for k, v in values.items() if isinstance(v, torch.Tensor)}
+    out = {k: float(v) for k, v in values.items() if k not in tensors}
+    if tensors:
+        stacked = torch.stack([v.detach().float().reshape(()) for v in tensors.values()]).tolist()
+        out |= dict(zip(tensors, stacked, strict=True))
+    return out
 
 
 def sft_micro_step(adapter, model, batch: ModelBatch, algorithm: AlgorithmSpec,
@@ -242,18 +251,19 @@ def rl_micro_step(adapter, model, rl: RLBatch, ref_logps: torch.Tensor | None, o
                           clip_high=online.clip_high, aggregation="seq-mean-token-sum",
                           sequence_ratio=online.importance_ratio == "sequence")
     total = out.loss * len(rl.batch)  # the token sum
-    metrics = {"policy_loss_sum": float(total.detach()), "tokens": float(mask.sum()),
-               "clip_fraction_sum": float(out.clip_fraction) * float(mask.sum()),
-               "ratio_sum": float((torch.exp(logps.detach() - rl.old_logps) * mask).sum()),
-               "approx_kl_sum": float(out.approx_kl) * float(mask.sum()), "count": float(mask.sum()),
-               # the share of rows scored in a group forward (*_count: its own denominator)
-               "packed_share_sum": float(len(rl.batch)) if packed else 0.0, "packed_count": float(len(rl.batch))}
+    tokens = mask.sum().float()
+    sums = {"policy_loss_sum": total.detach(), "tokens": tokens, "count": tokens,
+            "clip_fraction_sum": torch.as_tensor(out.clip_fraction, device=tokens.device) * tokens,
+            "ratio_sum": (torch.exp(logps.detach() - rl.old_logps) * mask).sum(),
+            "approx_kl_sum": torch.as_tensor(out.approx_kl, device=tokens.device) * tokens,
+            # the share of rows scored in a group forward (*_count: its own denominator)
+            "packed_share_sum": float(len(rl.batch)) if packed else 0.0, "packed_count": float(len(rl.batch))}
     if ref_logps is not None and online.kl_coef > 0:
         kl = (kl_estimate(logps, ref_logps.to(logps.device), online.kl_estimator or "k3") * mask).sum()
         total = total + online.kl_coef * kl
-        metrics["kl_sum"] = float(kl.detach())
-    metrics["loss_sum"] = float(total.detach())
-    return total / normaliser, metrics
+        sums["kl_sum"] = kl.detach()
+    sums["loss_sum"] = total.detach()
+    return total / normaliser, host_numbers(sums)
 
 
 @dataclasses.dataclass
