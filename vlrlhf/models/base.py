@@ -368,8 +368,11 @@ class Adapter:
         if self.pair_forward != "packed" or attention not in ("sdpa", "eager"):
             return None, None
         shared = [name for name in chosen.extras if name not in self.token_arrays]
+        # a pair encoded together shares its pixel tensors (images_once; moved together by
+        # ModelBatch.to): the same object needs no element-wise comparison (a device sync)
         if set(chosen.extras) != set(rejected.extras) or not all(
-                torch.equal(chosen.extras[name], rejected.extras[name]) for name in shared):
+                chosen.extras[name] is rejected.extras[name] or torch.equal(chosen.extras[name], rejected.extras[name])
+                for name in shared):
             return None, None  # not the same images: nothing to share
         plan = pack_pairs(chosen, rejected)
         if not hasattr(self, "_placeholders"):
