@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import torch
 
+from actors.generator import user_turn
 from actors.group import WorkerBase
 from actors.rollout import Sampling, make_engine, with_completion
 from vlrlhf.rewards.judge import judge_inputs, parse_score
@@ -50,10 +51,6 @@ def score_tokens(tokenizer, low: int, high: int) -> tuple[list[int], list[int]]:
     return prefix, ids
 
 
-def turn(images: list, text: str) -> list[dict]:
-    return [{"role": "user", "content": "<image>\n" * len(images) + text}]
-
-
 class JudgeWorker(WorkerBase):
     def __init__(self, spec: dict, dtype: str = "float32", trust_remote_code: bool = False):
         self.spec = spec
@@ -68,7 +65,7 @@ class JudgeWorker(WorkerBase):
 
     def judge_rows(self, share, settings) -> list[float | None]:
         """Scores in [0, 1] (None: no score in the reply) of a RowsShare's rows."""
-        requests = [{"messages": turn(images, text), "images": images}
+        requests = [{"messages": user_turn(text, len(images)), "images": images}
                     for images, text in judge_inputs(share, settings, self.spec)]
         if not requests:
             return []

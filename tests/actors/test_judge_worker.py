@@ -12,7 +12,8 @@ import time
 
 import pytest
 
-from actors.judge import PREFIX, JudgeWorker, score_tokens, turn
+from actors.generator import user_turn
+from actors.judge import PREFIX, JudgeWorker, score_tokens
 from jobs.online import finish_judging, share_sizes
 from jobs.run import run_job
 from vlrlhf.config import JudgeRewardSpec, load_spec
@@ -44,7 +45,7 @@ def test_expected_scores_are_the_score_tokens_probability_weighted_mean(tiny_pat
                                     micro_batch_size=3))
     texts = ["Question: What colour?\nAnswer to grade: red\nScore it.", "Question: What shape?\nAnswer to grade: "
              "a big blue square with four equal sides\nScore it."]
-    requests = [{"messages": turn([circle(colour)], text), "images": [circle(colour)]}
+    requests = [{"messages": user_turn(text, 1), "images": [circle(colour)]}
                 for colour in ("red", "blue") for text in texts]
     scores = worker.expected(requests)  # micro-batches of 3, left-padded: the prompts differ in length
     expected = [brute_force(worker.engine, request, 0, 9) for request in requests]
@@ -85,7 +86,7 @@ def test_generate_scoring_reads_the_greedy_reply_to_the_request_the_http_judge_w
         text = rubric_text(RUBRIC, record.prompt[0].content.replace("<image>", "").strip(), record.answer, row.text,
                            0, 10)
         assert f"Question: {'What colour?' if row.request == 0 else 'What shape?'}" in text
-        (sample,) = worker.engine.generate([{"messages": turn([image], text), "images": [image]}],
+        (sample,) = worker.engine.generate([{"messages": user_turn(text, 1), "images": [image]}],
                                            Sampling(n=1, temperature=0.0, max_tokens=12))
         replies.append(sample.text)
     assert scores == [parse_score(reply, 0, 10) for reply in replies]
