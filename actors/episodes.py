@@ -66,6 +66,7 @@ class Episode:
     last_text: str = ""
     texts: list[str] = dataclasses.field(default_factory=list)  # each sampled turn's text
     broken: str = ""  # why the episode could not go on (its template or a tool's output), if so
+    first: object = None  # the first turn's Sample (the engine's type: the episode's Sample is a copy)
 
     def add_sampled(self, sample, fill: dict[str, int]) -> None:
         self.raw_ids = self.raw_ids + sample.token_ids
@@ -169,7 +170,6 @@ def run_episodes(engine, requests: list[dict], sampling, episodes: Episodes) -> 
     whose token_ids cover every turn, `mask` marking the sampled ones."""
     import ray
 
-    from actors.rollout import Sample
     from vlrlhf.tools import parse_tool_calls, response_message, run_calls
 
     adapter = engine.adapter
@@ -182,6 +182,7 @@ def run_episodes(engine, requests: list[dict], sampling, episodes: Episodes) -> 
         request = requests[sample.request]
         state = Episode(sample.request, list(request["messages"]), list(request.get("images") or []),
                         prompts[sample.request], raw[sample.request])
+        state.first = sample
         state.add_sampled(sample, fill)
         states.append(state)
         active.append(state)
@@ -238,9 +239,10 @@ def run_episodes(engine, requests: list[dict], sampling, episodes: Episodes) -> 
             example = state.example(adapter.extra_rules, labelled=True)
             example = ray.put(example) if ray.is_initialized() else example
         # what rewards read: the model's own turns, never text a tool returned
-        out.append(Sample(state.request, state.token_ids, state.logprobs, state.finish_reason, "\n".join(state.texts),
-                          mask=state.mask if state.turns > 1 else None, example=example, turns=state.turns,
-                          tool_calls=state.tool_calls, tool_errors=state.tool_errors, broken=bool(state.broken)))
+        out.append(dataclasses.replace(
+            state.first, token_ids=state.token_ids, logprobs=state.logprobs, finish_reason=state.finish_reason,
+            text="\n".join(state.texts), mask=state.mask if state.turns > 1 else None, example=example,
+            turns=state.turns, tool_calls=state.tool_calls, tool_errors=state.tool_errors, broken=bool(state.broken)))
     broken = [state.broken for state in states if state.broken]
     if broken:
         print(f"rollout: {len(broken)} episode(s) ended early, e.g. {broken[0]}", flush=True)
